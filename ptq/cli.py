@@ -1,0 +1,249 @@
+"""The `ptq` command line: the library logs, this module renders (rich progress bars and tables)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ptq._io import OutputError, write_text
+from ptq.config import ConfigError, check_bits, load_recipe, recipe_names
+from ptq.data import DataError
+from ptq.export.checkpoint import CheckpointError
+from ptq.models import ModelLoadError
+
+app = typer.Typer(
+    name="ptq",
+    help="Post-training and zero-shot quantization of pretrained timm image models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+USER_ERRORS = (ConfigError, ModelLoadError, DataError, OutputError, CheckpointError)
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@contextmanager
+def user_errors():
+    """Turn the library's input errors into a one-line message and a non-zero exit."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: nothing was written to the output folder")
+        raise typer.Exit(code=130) from None
+
+
+@contextmanager
+def progress_bars():
+    """A rich progress display and the `progress(label, done, total)` callback that feeds it."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=False) as bars:
+        tasks: dict[str, Any] = {}
+
+        def update(label: str, done: int, total: int | None) -> None:
+            if label not in tasks:
+                tasks[label] = bars.add_task(label, total=total)
+            bars.update(tasks[label], completed=done, total=total)
+
+        yield update
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> str:
+    import torch
+
+    device = device or default_device()
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"device {device} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+    )
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="timm model name, e.g. tf_efficientnet_lite0 or resnet50.")],
+    bits: Annotated[int | None, typer.Option(help="Weight and activation bits (4 means W4A4).")] = None,
+    w_bits: Annotated[int | None, typer.Option("--w-bits", help="Weight bits (overrides --bits).")] = None,
+    a_bits: Annotated[int | None, typer.Option("--a-bits", help="Activation bits (overrides --bits).")] = None,
+    calib_data: Annotated[
+        Path | None, typer.Option("--calib-data", help="Folder of calibration images (read recursively).")
+    ] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Images for the FP-vs-quantized report [default: --calib-data].")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: runs/MODEL-wWaA].")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Local weights (.safetensors or .pth) instead of timm's pretrained ones.")
+    ] = None,
+    recipe: Annotated[str, typer.Option(help=f"Recipe name ({', '.join(recipe_names())}) or YAML file.")] = "rtn",
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe value, e.g. --set quant.a_observer=minmax.")
+    ] = None,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="Calibrate on images synthesized from the model.")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N [default: cuda if available].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out folder.")] = False,
+) -> None:
+    """Quantize a pretrained timm model and write a packed low-bit checkpoint with a fidelity report."""
+    from ptq.pipeline import quantize as run_quantize
+
+    if zero_shot:
+        fail("--zero-shot is not available yet: the data synthesizer has not landed; calibrate with --calib-data DIR")
+    if calib_data is None:
+        fail("no calibration data: pass --calib-data DIR (a folder of images)")
+    with user_errors():
+        sets = list(overrides or [])
+        for key, own in (("w_bits", w_bits), ("a_bits", a_bits)):
+            value = own if own is not None else bits
+            if value is not None:
+                check_bits(value, "--" + key.replace("_", "-") if own is not None else "--bits")
+                sets.append(f"quant.{key}={value}")
+        resolved = load_recipe(recipe, sets)
+        q = resolved.quant
+        out = out or Path("runs") / f"{model}-w{q.w_bits}a{q.a_bits}"
+        dev = check_device(device)
+        with progress_bars() as progress:
+            report = run_quantize(model, resolved, calib_data, out, eval_data, checkpoint, dev, overwrite, progress)
+    _print_quantize_report(report, out)
+
+
+def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
+    ev, size, fp = report["evaluation"], report["size"], report["fp_evaluation"]
+    table = Table(
+        title=f"{report['model']} W{report['w_bits']}A{report['a_bits']} ({report['method']}, "
+        f"{report['bit_convention']} convention) vs FP on {ev['images']} images"
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if ev["top1"] is not None:
+        table.add_row("top-1 FP → quantized (%)", f"{_fmt(fp['top1'])} → {_fmt(ev['top1'])}")
+        table.add_row("top-5 FP → quantized (%)", f"{_fmt(fp['top5'])} → {_fmt(ev['top5'])}")
+    table.add_row("top-1 agreement with FP (%)", _fmt(ev["agreement"]))
+    table.add_row("KL(FP ‖ Q) (nats/image)", _fmt(ev["kl"], 4))
+    table.add_row("logit SQNR (dB)", _fmt(ev["sqnr_db"]))
+    table.add_row("FP32 weights (MB)", _fmt(size["fp32_bytes"] / 1e6))
+    table.add_row("packed checkpoint (MB)", _fmt(size["checkpoint_bytes"] / 1e6))
+    table.add_row("size ratio", _fmt(size["ratio"], 3))
+    table.add_row(
+        "time: load / calibrate / compare (s)",
+        " / ".join(_fmt(report["timings_s"].get(k)) for k in ("load", "calibrate", "evaluate")),
+    )
+    console.print(table)
+    console.print(f"wrote {out}/ (model.safetensors, quant_config.json, recipe.yaml, report.json)")
+
+
+@app.command()
+def evaluate(
+    models: Annotated[
+        list[str], typer.Argument(help="timm names (wildcards allowed) and/or `ptq quantize` output folders.")
+    ],
+    data: Annotated[Path, typer.Option(help="Image folder; class folders named by synset id or index give labels.")],
+    out: Annotated[Path | None, typer.Option(help="Write one row per model to a .csv or .json file.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (halved on out-of-memory).")] = 32,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loading worker processes.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N [default: cuda if available].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+) -> None:
+    """Evaluate FP models and quantized outputs side by side (top-1/5 with labels; agreement, KL, SQNR vs FP)."""
+    from ptq.eval.harness import FIELDS
+    from ptq.eval.harness import evaluate as run_evaluate
+
+    if out is not None:
+        if out.suffix not in (".csv", ".json"):
+            fail(f"--out {out} must end in .csv or .json")
+        if out.exists() and not overwrite:
+            fail(f"--out {out} already exists; choose another file or pass --overwrite")
+    with user_errors():
+        dev = check_device(device)
+        with progress_bars() as progress:
+            rows = run_evaluate(models, data, batch_size, dev, workers, progress)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_text(out, _serialise(rows, out.suffix, FIELDS))
+    columns = ("model", "kind", "top1", "top5", "agreement", "kl", "sqnr_db", "images", "seconds")
+    table = Table(title=f"evaluation on {data}")
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("model", "kind") else "right")
+    for row in rows:
+        if row["error"]:
+            table.add_row(row["model"], row["kind"], "[red]failed[/]", *[""] * (len(columns) - 3))
+        else:
+            table.add_row(*[_fmt(row[k], 4 if k == "kl" else 2) for k in columns])
+    console.print(table)
+    for row in rows:
+        if row["error"]:
+            console.print(f"[red]{row['model']}[/]: {row['error']}", highlight=False, soft_wrap=True)
+    if out is not None:
+        console.print(f"wrote {out}")
+    if rows and all(row["error"] for row in rows):
+        raise typer.Exit(code=1)
+
+
+def _serialise(rows: list[dict[str, Any]], suffix: str, fields: tuple[str, ...]) -> str:
+    if suffix == ".json":
+        return json.dumps(rows, indent=2) + "\n"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def main() -> None:
+    app(prog_name="ptq")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

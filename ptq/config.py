@@ -1,0 +1,235 @@
+"""Configuration as validated dataclasses, loaded from `recipes/*.yaml` and overridden with `--set key=value`.
+
+Every config checks itself on construction; unknown keys and bad values are rejected with the allowed set named.
+A resolved recipe is saved next to every output (`recipe.yaml`), tagged with its type and format version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+RECIPE_VERSION = 1
+MIN_BITS, MAX_BITS = 2, 8
+
+
+class ConfigError(ValueError):
+    """A recipe, override or option is invalid; the message says what is allowed."""
+
+
+class BitConvention(str, Enum):
+    """Which layers keep 8 bits at low precision (ALGORITHMS.md §0)."""
+
+    ALL = "all"  # every conv/linear at the low width (the input image is never quantized)
+    BRECQ = "brecq"  # first conv W8 and its output A8; last linear W8
+    QDROP = "qdrop"  # first conv W8; last linear W8 with an A8 input
+
+
+class ObserverKind(str, Enum):
+    """How a quantizer's range is chosen (`ptq.quant.observers`)."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    LP = "lp"
+
+
+class WeightGranularity(str, Enum):
+    CHANNEL = "channel"
+    TENSOR = "tensor"
+
+
+class Method(str, Enum):
+    RTN = "rtn"
+
+
+def check_bits(bits: int, what: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+
+
+def coerce_enums(obj) -> None:
+    """Let Python callers pass enum values as plain strings; reject unknown ones naming the allowed set."""
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        if isinstance(tp, type) and issubclass(tp, Enum) and not isinstance(getattr(obj, name), tp):
+            setattr(obj, name, coerce_value(tp, getattr(obj, name), name))
+
+
+@dataclass
+class QuantConfig:
+    w_bits: int = 8
+    a_bits: int = 8
+    w_granularity: WeightGranularity = WeightGranularity.CHANNEL
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    w_observer: ObserverKind = ObserverKind.LP
+    a_observer: ObserverKind = ObserverKind.LP
+    lp_p: float = 2.4
+    lp_candidates: int = 100
+    percentile: float = 99.99
+    first_last_bits: BitConvention = BitConvention.QDROP
+    quantize_weights: bool = True
+    quantize_activations: bool = True
+    fold_bn: bool = True
+
+    def __post_init__(self):
+        coerce_enums(self)
+        check_bits(self.w_bits, "quant.w_bits")
+        check_bits(self.a_bits, "quant.a_bits")
+        if self.lp_p <= 0:
+            raise ConfigError(f"quant.lp_p must be > 0, got {self.lp_p}")
+        if self.lp_candidates < 1:
+            raise ConfigError(f"quant.lp_candidates must be ≥ 1, got {self.lp_candidates}")
+        if not 50 < self.percentile <= 100:
+            raise ConfigError(f"quant.percentile must be in (50, 100], got {self.percentile}")
+
+
+@dataclass
+class CalibConfig:
+    num_images: int = 256
+    batch_size: int = 32
+    seed: int = 0
+    workers: int = 0
+
+    def __post_init__(self):
+        for name in ("num_images", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"calib.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"calib.workers must be ≥ 0, got {self.workers}")
+
+
+@dataclass
+class Recipe:
+    method: Method = Method.RTN
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+    def __post_init__(self):
+        coerce_enums(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "ptq.Recipe", "version": RECIPE_VERSION, **to_plain(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        data = dict(data)
+        data.pop("type", None)
+        version = data.pop("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise ConfigError(f"recipe format version {version} is not supported (this ptq reads {RECIPE_VERSION})")
+        return build_config(cls, data, "")
+
+
+def to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Enum):
+        return obj.value
+    return obj
+
+
+def coerce_value(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
+        return build_config(tp, value, key + ".")
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in tp)
+            raise ConfigError(f"{key} must be one of: {allowed} (got {value!r})") from None
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str) and not (isinstance(value, tp) and not isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def build_config(cls, data: dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{sorted(unknown)[0]}; allowed under {prefix or 'the top level'}: {', '.join(hints)}"
+        )
+    kwargs = {k: coerce_value(hints[k], v, prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'recipe'}: {e}") from None
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(name_or_file: str) -> Path:
+    """A bare name resolves to the shipped `recipes/NAME.yaml`; anything else is a path to a YAML file."""
+    path = Path(name_or_file)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist; shipped recipes: {', '.join(recipe_names())}")
+        return path
+    shipped = RECIPE_DIR / f"{name_or_file}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(
+            f"unknown recipe {name_or_file!r}; shipped recipes: {', '.join(recipe_names())}, or pass a .yaml file"
+        )
+    return shipped
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (e.g. quant.w_bits=4), got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (values parsed as YAML scalars) to a nested dict, in order."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(name_or_file: str = "rtn", overrides: list[str] | None = None) -> Recipe:
+    path = resolve_recipe_path(name_or_file)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping")
+    return Recipe.from_dict(apply_overrides(data, overrides or []))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,87 @@
+"""Calibration: fix every quantizer's range from the weights and from calibration images (round-to-nearest PTQ).
+
+Weights: one observer per layer over the (folded) weight, per output channel by default.
+Activations: with weights already quantized, each activation quantizer's observer records its input over all
+calibration batches (activation quantization off, so every quantizer sees the same FP-activation network);
+then scale and zero point are computed once. Ranges are fixed afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ptq.config import QuantConfig, WeightGranularity
+from ptq.quant.modules import act_quantizers, quant_layers, set_quant_state
+from ptq.quant.observers import Observer, PerChannel, PerTensor, make_observer
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int | None], None]
+
+
+def _observer(config: QuantConfig, kind, granularity) -> Observer:
+    kwargs = {}
+    if kind == "lp":
+        kwargs = {"p": config.lp_p, "num_candidates": config.lp_candidates}
+    elif kind == "percentile":
+        kwargs = {"percentile": config.percentile}
+    return make_observer(kind, granularity, **kwargs)
+
+
+@torch.no_grad()
+def calibrate_weights(model: nn.Module, config: QuantConfig) -> None:
+    granularity = PerChannel(0) if config.w_granularity is WeightGranularity.CHANNEL else PerTensor()
+    for layer in quant_layers(model).values():
+        q = layer.weight_quantizer
+        obs = _observer(config, config.w_observer.value, granularity)
+        obs.observe(layer.weight)
+        q.set_qparams(*obs.calculate_qparams(q.bits, config.w_symmetric))
+
+
+@torch.no_grad()
+def calibrate_activations(
+    model: nn.Module, batches: Iterable[torch.Tensor], config: QuantConfig, progress: Progress | None = None
+) -> int:
+    """Observe activation ranges over `batches` (already on the model's device); return the number of images seen."""
+    quantizers = act_quantizers(model)
+    for q in quantizers.values():
+        q.observer = _observer(config, config.a_observer.value, PerTensor())
+    set_quant_state(model, weights=config.quantize_weights, activations=False)
+    seen = 0
+    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        for i, x in enumerate(batches):
+            model(x)
+            seen += x.shape[0]
+            if progress is not None:
+                progress(i + 1, total)
+    finally:
+        observers = {name: q.observer for name, q in quantizers.items()}
+        for q in quantizers.values():
+            q.observer = None
+    for name, q in quantizers.items():
+        obs = observers[name]
+        if obs is None or obs.lo is None:
+            log.warning("activation quantizer %s saw no data and stays disabled", name)
+            continue
+        q.set_qparams(*obs.calculate_qparams(q.bits, config.a_symmetric))
+    return seen
+
+
+def calibrate(
+    model: nn.Module, batches: Iterable[torch.Tensor], config: QuantConfig, progress: Progress | None = None
+) -> nn.Module:
+    """Round-to-nearest PTQ: weight ranges, then activation ranges; quantizers switched on per the config."""
+    calibrate_weights(model, config)
+    calibrate_activations(model, batches, config, progress)
+    return apply_quant_state(model, config)
+
+
+def apply_quant_state(model: nn.Module, config: QuantConfig) -> nn.Module:
+    set_quant_state(model, config.quantize_weights, config.quantize_activations)
+    for q in act_quantizers(model).values():
+        q.enabled = q.enabled and q.calibrated
+    return model

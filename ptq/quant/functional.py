@@ -1,0 +1,80 @@
+"""Uniform affine quantization as pure, vectorised functions.
+
+A tensor x is quantized with a step `scale` s and an integer `zero_point` z onto the unsigned grid {0, ..., 2^b - 1}:
+
+    q = clamp(round(x / s) + z, 0, 2^b - 1),     x̂ = (q - z) · s
+
+Symmetric quantization is the special case z = 2^(b-1) (the grid is centred on zero), so both kinds share one
+integer code range and one packing format. `scale` and `zero_point` broadcast against x: a scalar for per-tensor,
+shape (C, 1, 1, 1) / (C, 1) for per-output-channel weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient (d round(x)/dx := 1)."""
+    return (x.round() - x).detach() + x
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """The unsigned integer code range for `bits`."""
+    return 0, 2**bits - 1
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """x̂ = (clamp(round(x/s) + z, 0, 2^b-1) - z) · s, differentiable in x (STE) and in s (LSQ-style)."""
+    qmin, qmax = qrange(bits)
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes q = clamp(round(x/s) + z, 0, 2^b-1) as uint8 (b ≤ 8)."""
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.uint8)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """x̂ = (q - z) · s in the dtype of `scale`."""
+    return (q.to(scale.dtype) - zero_point) * scale
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map [lo, hi] (elementwise, any shape) onto the b-bit grid.
+
+    The range is widened to contain 0 so that zero (padding, ReLU output) is represented exactly.
+    Asymmetric: s = (hi - lo) / (2^b - 1), z = round(-lo / s).
+    Symmetric: z = 2^(b-1), s = max(|lo|, |hi|) / (2^(b-1) - 1), so ±max|x| both lie on the grid.
+    """
+    qmin, qmax = qrange(bits)
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if symmetric:
+        bound = torch.maximum(-lo, hi)
+        zero_point = torch.full_like(bound, float(2 ** (bits - 1)))
+        scale = torch.clamp(bound / (qmax - zero_point), min=eps)
+    else:
+        scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
+        zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def channel_view(t: torch.Tensor, ndim: int, axis: int = 0) -> torch.Tensor:
+    """Reshape a per-channel vector so it broadcasts along `axis` of an `ndim`-dimensional tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10·log10(||x||² / ||x - x̂||²) in dB."""
+    signal = reference.double().pow(2).sum()
+    noise = (reference.double() - approx.double()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))

@@ -1,0 +1,114 @@
+"""Quantized modules: they hold quantizer state; the math lives in `ptq.quant.functional`.
+
+- `WeightQuantizer`: per-channel or per-tensor fake quantization of a weight tensor.
+- `ActQuantizer`: per-tensor fake quantization of an activation; during calibration an observer records its input.
+- `QuantLayer`: a conv or linear layer (any subclass, e.g. timm's `Conv2dSame`) whose weight, and optionally input,
+  are quantized. The wrapped layer's own forward is reused through `torch.func.functional_call`.
+- `OutputQuant`: quantizes the output of the module it wraps (a nonlinearity, a residual block, a squeeze-excite).
+
+Each quantizer has an `enabled` switch; `set_quant_state` flips them for a whole model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ptq.quant.functional import channel_view, fake_quantize
+from ptq.quant.observers import Observer
+
+
+class Quantizer(nn.Module):
+    """Base contract: `bits`, `scale`, `zero_point` (shape (C,) or (1,)), an `enabled` switch, `calibrated` flag."""
+
+    def __init__(self, bits: int, channels: int = 1, axis: int = 0):
+        super().__init__()
+        self.bits = bits
+        self.axis = axis
+        self.enabled = False
+        self.calibrated = False
+        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("zero_point", torch.zeros(channels))
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale = scale.detach().to(self.scale).reshape(self.scale.shape).clone()
+        self.zero_point = zero_point.detach().to(self.zero_point).reshape(self.zero_point.shape).clone()
+        self.calibrated = True
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale.numel() == 1:
+            return fake_quantize(x, self.scale, self.zero_point, self.bits)
+        s = channel_view(self.scale, x.ndim, self.axis)
+        z = channel_view(self.zero_point, x.ndim, self.axis)
+        return fake_quantize(x, s, z, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channels={self.scale.numel()}, enabled={self.enabled}"
+
+
+class WeightQuantizer(Quantizer):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quantize(w) if self.enabled else w
+
+
+class ActQuantizer(Quantizer):
+    def __init__(self, bits: int):
+        super().__init__(bits, channels=1)
+        self.observer: Observer | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.observe(x)
+        return self.quantize(x) if self.enabled else x
+
+
+class QuantLayer(nn.Module):
+    """A conv/linear layer with a quantized weight (per output channel) and an optional input quantizer."""
+
+    def __init__(self, layer: nn.Module, w_bits: int, per_channel: bool = True):
+        super().__init__()
+        self.layer = layer
+        self.weight_quantizer = WeightQuantizer(w_bits, layer.weight.shape[0] if per_channel else 1)
+        self.input_quantizer: ActQuantizer | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if not self.weight_quantizer.enabled:
+            return self.layer(x)
+        return functional_call(self.layer, {"weight": self.weight_quantizer(self.layer.weight)}, (x,))
+
+
+class OutputQuant(nn.Module):
+    """Applies `quantizer` to the output of `module`."""
+
+    def __init__(self, module: nn.Module, quantizer: ActQuantizer):
+        super().__init__()
+        self.module = module
+        self.quantizer = quantizer
+
+    def forward(self, *args, **kwargs):
+        return self.quantizer(self.module(*args, **kwargs))
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+
+def set_quant_state(model: nn.Module, weights: bool = True, activations: bool = True) -> nn.Module:
+    """Switch weight and activation fake quantization on or off for every quantizer in `model`."""
+    for m in model.modules():
+        if isinstance(m, WeightQuantizer):
+            m.enabled = weights
+        elif isinstance(m, ActQuantizer):
+            m.enabled = activations
+    return model

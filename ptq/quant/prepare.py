@@ -1,0 +1,200 @@
+"""`prepare(model, config)`: turn any timm CNN into a fake-quantized model, without graph tracing.
+
+Steps (each explicit; nothing is initialised lazily in `forward`):
+1. BatchNorm folded into its conv where legal (`ptq.quant.fold`).
+2. Every conv/linear becomes a `QuantLayer` (per-output-channel weight quantizer).
+3. Activation quantizers on outputs (ALGORITHMS.md §0): after every nonlinearity (not the sigmoid/tanh gates of
+   attention modules) and after the multiply of squeeze-excite modules.
+4. A one-example probe follows tensor identities through the network. timm's efficientnet-family blocks (they carry
+   `has_skip`) whose output is not already quantized — the residual add, or a linear bottleneck — get an output
+   quantizer; ResNet/RegNet blocks end with an activation after the add and need none. Then any layer (except the
+   first, which sees the image) whose input is still not the output of an activation quantizer — after pooling, after
+   a BatchNorm that could not be folded, in an unknown block — gets an input quantizer, so every matmul input is
+   quantized whatever the architecture. Grid-preserving modules (identity, dropout, max-pool, flatten, ReLU) pass
+   "already quantized" through.
+5. The first/last-layer bit convention is applied, and the quantizers are switched per the config.
+The network output is never quantized. Weight and activation quantizers are uncalibrated until `calibrate` runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ptq.config import BitConvention, QuantConfig, WeightGranularity
+from ptq.quant._probe import example_input, hooked
+from ptq.quant.fold import fold_batchnorm, replace_module
+from ptq.quant.modules import ActQuantizer, OutputQuant, QuantLayer, act_quantizers, quant_layers, set_quant_state
+
+HIGH_BITS = 8
+
+
+def _timm_classes(module: str, names: tuple[str, ...]) -> tuple[type, ...]:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return ()
+    return tuple(getattr(mod, n) for n in names if hasattr(mod, n))
+
+
+NONLINEARITIES = (
+    (
+        nn.ReLU,
+        nn.ReLU6,
+        nn.SiLU,
+        nn.GELU,
+        nn.Hardswish,
+        nn.Mish,
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.CELU,
+        nn.SELU,
+        nn.PReLU,
+    )
+    + _timm_classes(
+        "timm.layers.activations", ("Swish", "Mish", "HardSwish", "HardMish", "GELU", "GELUTanh", "QuickGELU", "PReLU")
+    )
+    + _timm_classes("timm.layers.activations_me", ("SwishMe", "MishMe", "HardSwishMe", "HardMishMe"))
+)
+
+SQUEEZE_EXCITE = _timm_classes("timm.layers.squeeze_excite", ("SEModule", "EffectiveSEModule", "SqueezeExcite")) + (
+    _timm_classes("timm.models._efficientnet_blocks", ("SqueezeExcite",))
+)
+
+GRID_PRESERVING = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.Flatten, nn.ReLU) + _timm_classes(
+    "timm.layers", ("DropPath",)
+)
+
+
+@dataclass
+class Placement:
+    """What the probe found: which layers see the image or make the output, and where quantizers sit."""
+
+    first_layers: list[str] = field(default_factory=list)
+    last_layer: str | None = None
+    act_order: list[str] = field(default_factory=list)  # activation quantizers in execution order
+    input_producer: dict[str, str | None] = field(default_factory=dict)  # layer → quantizer whose output it reads
+    unquantized_blocks: list[str] = field(default_factory=list)  # probed blocks whose output is not quantized
+
+
+def _gate_modules(model: nn.Module) -> set[int]:
+    """Modules inside squeeze-excite/attention gates that must not get an output quantizer of their own."""
+    gates = set()
+    for m in model.modules():
+        if isinstance(m, SQUEEZE_EXCITE):
+            gate = getattr(m, "gate", None)
+            if isinstance(gate, nn.Module):
+                gates.add(id(gate))
+    return gates
+
+
+def _wrap_outputs(model: nn.Module, names: list[str], a_bits: int) -> None:
+    # deepest first, so that a block's name still resolves after its children were wrapped
+    for name in sorted(names, key=lambda n: n.count("."), reverse=True):
+        replace_module(model, name, OutputQuant(model.get_submodule(name), ActQuantizer(a_bits)))
+
+
+def _nonlinearities_and_se(model: nn.Module) -> list[str]:
+    gates = _gate_modules(model)
+    return [
+        name
+        for name, m in model.named_modules()
+        if name and ((isinstance(m, NONLINEARITIES) and id(m) not in gates) or isinstance(m, SQUEEZE_EXCITE))
+    ]
+
+
+def _probe(model: nn.Module, example: torch.Tensor, blocks: frozenset[str] = frozenset()) -> Placement:
+    layers = quant_layers(model)
+    quantizers = act_quantizers(model)
+    grid: dict[int, str] = {}  # tensor id → name of the quantizer whose value it carries
+    placement = Placement()
+    executed: list[str] = []
+    watched = [
+        (n, m)
+        for n, m in model.named_modules()
+        if n in layers or n in quantizers or n in blocks or isinstance(m, GRID_PRESERVING)
+    ]
+
+    def pre(name, module, x):
+        if name in layers:
+            if x is example:
+                placement.first_layers.append(name)
+            placement.input_producer[name] = grid.get(id(x))
+
+    def post(name, module, x, y):
+        if name in quantizers:
+            grid[id(y)] = name
+            placement.act_order.append(name)
+        elif name in layers:
+            executed.append(name)
+        elif name in blocks:
+            if id(y) not in grid:
+                placement.unquantized_blocks.append(name)
+        elif id(x) in grid:
+            grid[id(y)] = grid[id(x)]
+
+    with torch.no_grad(), hooked(watched, pre=pre, post=post):
+        model(example)
+    placement.last_layer = executed[-1] if executed else None
+    return placement
+
+
+def _apply_bit_convention(model: nn.Module, placement: Placement, convention: BitConvention) -> None:
+    if convention is BitConvention.ALL:
+        return
+    layers = quant_layers(model)
+    quantizers = act_quantizers(model)
+    for name in placement.first_layers:
+        layers[name].weight_quantizer.bits = HIGH_BITS
+    if convention is BitConvention.BRECQ and placement.act_order:
+        quantizers[placement.act_order[0]].bits = HIGH_BITS  # the output of the first conv
+    if placement.last_layer is not None:
+        last = layers[placement.last_layer]
+        last.weight_quantizer.bits = HIGH_BITS
+        if convention is BitConvention.QDROP:
+            if last.input_quantizer is not None:
+                last.input_quantizer.bits = HIGH_BITS
+            elif placement.input_producer.get(placement.last_layer):
+                quantizers[placement.input_producer[placement.last_layer]].bits = HIGH_BITS
+
+
+def prepare(model: nn.Module, config: QuantConfig, example: torch.Tensor | None = None) -> nn.Module:
+    """Return a quantized copy of `model` (the original is left untouched); see the module docstring for the steps."""
+    model = copy.deepcopy(model).eval()
+    example = example if example is not None else example_input(model)
+    if config.fold_bn:
+        fold_batchnorm(model, example)
+    per_channel = config.w_granularity is WeightGranularity.CHANNEL
+    targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not targets:
+        raise ValueError("the model has no Conv2d or Linear layer to quantize")
+    for name in targets:
+        replace_module(model, name, QuantLayer(model.get_submodule(name), config.w_bits, per_channel))
+    _wrap_outputs(model, _nonlinearities_and_se(model), config.a_bits)
+    blocks = frozenset(n for n, m in model.named_modules() if n and getattr(m, "has_skip", None) is not None)
+    _wrap_outputs(model, _probe(model, example, blocks).unquantized_blocks, config.a_bits)
+    placement = _probe(model, example)
+    for name, layer in quant_layers(model).items():
+        if name not in placement.first_layers and placement.input_producer.get(name) is None:
+            layer.input_quantizer = ActQuantizer(config.a_bits)
+    # the input quantizers just added change nothing upstream, so the placement found above still holds
+    _apply_bit_convention(model, placement, config.first_last_bits)
+    model.quant_placement = placement
+    model.quant_example_shape = tuple(example.shape)
+    return set_quant_state(model, config.quantize_weights, config.quantize_activations)
+
+
+def layer_bits(model: nn.Module) -> dict[str, dict[str, int | None]]:
+    """Per quantized layer: weight bits and input-quantizer bits (None: the layer reads an already-quantized value)."""
+    return {
+        name: {
+            "w_bits": layer.weight_quantizer.bits,
+            "in_bits": layer.input_quantizer.bits if layer.input_quantizer is not None else None,
+        }
+        for name, layer in quant_layers(model).items()
+    }

@@ -1,0 +1,212 @@
+"""The command line as a user meets it: the main job, the evaluation harness, and every bad-input case."""
+
+import json
+
+import pytest
+import timm
+import torch
+from conftest import random_bn_stats
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ptq.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = random_bn_stats(timm.create_model("test_resnet"))
+    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def few_photos(tmp_path_factory, samples_dir):
+    folder = tmp_path_factory.mktemp("photos") / "nested"
+    folder.mkdir()
+    for p in sorted(samples_dir.glob("*_full.jpg"))[:6]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "README.txt").write_text("non-image files are skipped")
+    return folder.parent
+
+
+def _quantize(*args):
+    return runner.invoke(app, ["quantize", *map(str, args)])
+
+
+def test_quantize_writes_a_complete_output_folder(tmp_path, checkpoint, few_photos):
+    out = tmp_path / "out"
+    result = _quantize(
+        "test_resnet",
+        "--checkpoint",
+        checkpoint,
+        "--bits",
+        4,
+        "--calib-data",
+        few_photos,
+        "--out",
+        out,
+        "--set",
+        "quant.first_last_bits=all",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.safetensors",
+        "quant_config.json",
+        "recipe.yaml",
+        "report.json",
+    ]
+    report = json.loads((out / "report.json").read_text())
+    assert report["w_bits"] == 4 and report["a_bits"] == 4 and report["calibration"]["images"] == 6
+    assert report["size"]["ratio"] < 0.16
+    assert "agreement" in result.output
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["bit_convention"] == "all" and meta["checkpoint"] == str(checkpoint)
+    # the output evaluates as a quantized model against its FP parent
+    table = tmp_path / "results.json"
+    result = runner.invoke(
+        app, ["evaluate", str(out), "--data", str(few_photos), "--out", str(table), "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(table.read_text())
+    assert rows[0]["kind"] == "quantized" and rows[0]["agreement"] is not None and rows[0]["top1"] is None
+    assert set(rows[0]) >= {"model", "top1", "top5", "agreement", "kl", "sqnr_db"}
+    # the same numbers as the report made at quantization time
+    assert rows[0]["agreement"] == pytest.approx(report["evaluation"]["agreement"])
+    assert rows[0]["sqnr_db"] == pytest.approx(report["evaluation"]["sqnr_db"], rel=1e-4)
+
+
+def test_w_bits_and_a_bits_override_bits(tmp_path, checkpoint, few_photos):
+    out = tmp_path / "o"
+    result = _quantize(
+        "test_resnet",
+        "--checkpoint",
+        checkpoint,
+        "--bits",
+        8,
+        "--w-bits",
+        4,
+        "--calib-data",
+        few_photos,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["quant"]["w_bits"] == 4 and meta["quant"]["a_bits"] == 8
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(tmp_path, checkpoint, few_photos):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    args = ["test_resnet", "--checkpoint", checkpoint, "--calib-data", few_photos, "--out", out, "--device", "cpu"]
+    result = _quantize(*args)
+    assert result.exit_code != 0 and "--overwrite" in result.output
+    assert (out / "mine.txt").read_text() == "user data"
+    assert _quantize(*args, "--overwrite").exit_code == 0
+    assert (out / "report.json").is_file() and not (out / "mine.txt").exists()
+    assert not list(tmp_path.glob(".out.*")), "staging folders left behind"
+
+
+def test_interrupted_run_leaves_no_output(tmp_path, checkpoint, few_photos, monkeypatch):
+    import ptq.pipeline
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ptq.pipeline, "save_quantized", boom)
+    out = tmp_path / "out"
+    result = _quantize(
+        "test_resnet", "--checkpoint", checkpoint, "--calib-data", few_photos, "--out", out, "--device", "cpu"
+    )
+    assert result.exit_code != 0
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["no_such_net", "--calib-data", "{photos}"], "unknown model"),
+        (["resnet_18", "--calib-data", "{photos}"], "closest timm names: resnet18"),
+        (["resnet18", "--calib-data", "{photos}"], "--checkpoint"),
+        (["test_resnet", "--checkpoint", "{ckpt}", "--calib-data", "{tmp}/missing"], "does not exist"),
+        (["test_resnet", "--checkpoint", "{ckpt}", "--calib-data", "{empty}"], "no images"),
+        (["test_resnet", "--checkpoint", "{ckpt}", "--calib-data", "{photos}", "--bits", "9"], "--bits must be"),
+        (["test_resnet", "--checkpoint", "{ckpt}", "--calib-data", "{photos}", "--w-bits", "1"], "--w-bits must be"),
+        (["test_resnet", "--checkpoint", "{tmp}/corrupt.pth", "--calib-data", "{photos}"], "could not be read"),
+        (["test_resnet", "--checkpoint", "{tmp}/nope.pth", "--calib-data", "{photos}"], "does not exist"),
+        (["test_resnet", "--checkpoint", "{ckpt}", "--calib-data", "{photos}", "--set", "quant.bits=3"], "unknown key"),
+        (["test_resnet", "--checkpoint", "{ckpt}", "--calib-data", "{photos}", "--recipe", "nope"], "shipped recipes"),
+        (["test_resnet", "--checkpoint", "{ckpt}", "--zero-shot"], "not available yet"),
+        (["test_resnet", "--checkpoint", "{ckpt}"], "--calib-data"),
+        (["test_efficientnet", "--checkpoint", "{ckpt}", "--calib-data", "{photos}"], "does not match"),
+    ],
+)
+def test_bad_input_gets_a_one_line_error(tmp_path, checkpoint, few_photos, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt.pth").write_bytes(b"\x00garbage")
+    subs = {
+        "{photos}": str(few_photos),
+        "{ckpt}": str(checkpoint),
+        "{tmp}": str(tmp_path),
+        "{empty}": str(tmp_path / "empty"),
+    }
+    args = [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in args]
+    out = tmp_path / "out"
+    result = _quantize(*args, "--out", out, "--device", "cpu")
+    assert result.exit_code != 0
+    assert message in result.output
+    assert len([line for line in result.output.strip().splitlines() if line.strip()]) == 1, result.output
+    assert not out.exists()
+
+
+def test_evaluate_bad_inputs(tmp_path, few_photos):
+    result = runner.invoke(
+        app, ["evaluate", "test_resnet", "--data", str(few_photos), "--out", str(tmp_path / "r.txt")]
+    )
+    assert result.exit_code != 0 and ".csv or .json" in result.output
+    existing = tmp_path / "r.csv"
+    existing.write_text("keep me")
+    result = runner.invoke(app, ["evaluate", "test_resnet", "--data", str(few_photos), "--out", str(existing)])
+    assert result.exit_code != 0 and "--overwrite" in result.output and existing.read_text() == "keep me"
+    result = runner.invoke(app, ["evaluate", "test_resnet", "--data", str(tmp_path / "none")])
+    assert result.exit_code != 0 and "does not exist" in result.output
+    # every model failing is a failed run; the table still names each error
+    result = runner.invoke(app, ["evaluate", "resnet18", "--data", str(few_photos), "--device", "cpu"])
+    assert result.exit_code == 1 and "checkpoint" in result.output
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "quantize" in result.output and "evaluate" in result.output
+
+
+def test_real_pretrained_lite0_w8a8_end_to_end(tmp_path, few_photos):
+    """The demo's job on real ImageNet weights, on six photos: W8A8 keeps most top-1 predictions of FP."""
+    out = tmp_path / "lite0"
+    result = _quantize(
+        "tf_efficientnet_lite0", "--bits", 8, "--calib-data", few_photos, "--out", out, "--device", "cpu"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["weights"].startswith("offline weights")
+    assert report["evaluation"]["agreement"] >= 50 and report["evaluation"]["sqnr_db"] > 10
+    assert report["size"]["ratio"] < 0.27
+
+
+def test_checkout_runner_works_without_installing():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "cli.py", "--help"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "quantize" in result.stdout

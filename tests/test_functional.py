@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from ptq.quant.functional import dequantize_codes, fake_quantize, qparams_from_range, quantize_codes, round_ste, sqnr_db
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fake_quantized_values_lie_on_the_grid(bits, symmetric):
+    x = torch.randn(64, 32) * 3
+    scale, zp = qparams_from_range(x.amin(), x.amax(), bits, symmetric)
+    xq = fake_quantize(x, scale, zp, bits)
+    levels = xq / scale + zp
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    assert levels.min() >= -1e-4 and levels.max() <= 2**bits - 1 + 1e-4
+    assert len(torch.unique(xq)) <= 2**bits
+    # the error of an in-range value is at most half a step
+    assert (xq - x).abs().max() <= scale / 2 + 1e-5
+
+
+def test_zero_is_exact_and_range_covers_zero():
+    x = torch.tensor([0.3, 0.9, 1.7])  # all positive: the range is widened to include 0
+    scale, zp = qparams_from_range(x.amin(), x.amax(), 4, symmetric=False)
+    assert fake_quantize(torch.zeros(1), scale, zp, 4).item() == 0.0
+
+
+def test_symmetric_grid_is_centred():
+    scale, zp = qparams_from_range(torch.tensor(-2.0), torch.tensor(1.0), 8, symmetric=True)
+    assert zp.item() == 128
+    assert torch.isclose(fake_quantize(torch.tensor(2.0), scale, zp, 8), torch.tensor(2.0))
+    assert torch.isclose(fake_quantize(torch.tensor(-2.0), scale, zp, 8), torch.tensor(-2.0))
+
+
+def test_round_ste_passes_gradient_straight_through():
+    x = torch.tensor([0.2, 1.6, -2.4], requires_grad=True)
+    y = round_ste(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), torch.tensor([0.0, 2.0, -2.0]))
+    assert torch.equal(x.grad, torch.ones(3))
+
+
+def test_codes_round_trip_to_fake_quantized_values():
+    x = torch.randn(16, 9)
+    scale, zp = qparams_from_range(x.amin(1), x.amax(1), 4, False)
+    s, z = scale.view(-1, 1), zp.view(-1, 1)
+    codes = quantize_codes(x, s, z, 4)
+    assert codes.dtype == torch.uint8 and codes.max() <= 15
+    assert torch.equal(dequantize_codes(codes, s, z), fake_quantize(x, s, z, 4))
+
+
+def test_sqnr_grows_about_six_db_per_bit():
+    x = torch.randn(10000)
+    values = []
+    for bits in (4, 6, 8):
+        s, z = qparams_from_range(x.amin(), x.amax(), bits, False)
+        values.append(sqnr_db(x, fake_quantize(x, s, z, bits)))
+    assert 10 < values[1] - values[0] < 14 and 10 < values[2] - values[1] < 14
