@@ -9,6 +9,7 @@ from ptq.config import QuantConfig
 from ptq.export import load_quantized, save_quantized
 from ptq.export.checkpoint import CheckpointError, fp32_weight_bytes
 from ptq.quant import calibrate, prepare
+from ptq.quant.functional import sqnr_db
 
 
 def _quantized(name="test_efficientnet", w_bits=4, a_bits=8, convention="all"):
@@ -66,3 +67,15 @@ def test_corrupt_and_mismatched_checkpoints_error_clearly(tmp_path):
         load_quantized(tmp_path)
     with pytest.raises(CheckpointError, match="not a quantized model folder"):
         load_quantized(tmp_path / "missing")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_quantize_save_load_matches(tmp_path):
+    model, qmodel, config, x = _quantized(w_bits=4)
+    gpu = calibrate(prepare(model.cuda(), config, x[:1].cuda()), [x.cuda()], config)
+    save_quantized(gpu, tmp_path, "test_efficientnet", config, {"input_size": (3, 64, 64)})
+    loaded = load_quantized(tmp_path, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(gpu(x.cuda()), loaded(x.cuda()))
+        # the same checkpoint on CPU: only float rounding differs (an activation may land on the other grid point)
+        assert sqnr_db(loaded(x.cuda()).cpu(), load_quantized(tmp_path)(x)) > 25
