@@ -167,6 +167,7 @@ def prepare(model: nn.Module, config: QuantConfig, example: torch.Tensor | None 
     """Return a quantized copy of `model` (the original is left untouched); see the module docstring for the steps."""
     model = copy.deepcopy(model).eval()
     example = example if example is not None else example_input(model)
+    device = next(model.parameters()).device
     if config.fold_bn:
         fold_batchnorm(model, example)
     per_channel = config.w_granularity is WeightGranularity.CHANNEL
@@ -184,6 +185,7 @@ def prepare(model: nn.Module, config: QuantConfig, example: torch.Tensor | None 
             layer.input_quantizer = ActQuantizer(config.a_bits)
     # the input quantizers just added change nothing upstream, so the placement found above still holds
     _apply_bit_convention(model, placement, config.first_last_bits)
+    model.to(device)  # the quantizers were created on the CPU
     model.quant_placement = placement
     model.quant_example_shape = tuple(example.shape)
     return set_quant_state(model, config.quantize_weights, config.quantize_activations)
