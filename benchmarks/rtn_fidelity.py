@@ -33,7 +33,7 @@ SETTINGS = [  # (label, w_bits, a_bits, bit convention)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tf_efficientnet_lite0")
-    parser.add_argument("--data", default=str(ROOT / "data" / "samples"))
+    parser.add_argument("--data", default="data/samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON results file [default: benchmarks/results/...]")
     args = parser.parse_args()

@@ -217,7 +217,7 @@ def evaluate(
     for name in columns:
         table.add_column(name, justify="left" if name in ("model", "kind") else "right")
     for row in rows:
-        if row["error"]:
+        if row["images"] is None:  # the model could not be evaluated at all
             table.add_row(row["model"], row["kind"], "[red]failed[/]", *[""] * (len(columns) - 3))
         else:
             table.add_row(*[_fmt(row[k], 4 if k == "kl" else 2) for k in columns])
@@ -227,7 +227,7 @@ def evaluate(
             console.print(f"[red]{row['model']}[/]: {row['error']}", highlight=False, soft_wrap=True)
     if out is not None:
         console.print(f"wrote {out}")
-    if rows and all(row["error"] for row in rows):
+    if rows and all(row["images"] is None for row in rows):
         raise typer.Exit(code=1)
 
 

@@ -60,7 +60,7 @@ def quantize(
         qmodel = prepare(fp_model, q, example)
     with _timed(timings, "calibrate"):
         loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
-        calibrate(qmodel, _counted(image_batches(loader, device), len(loader)), q, _labelled(progress, "calibrate"))
+        calibrate(qmodel, _counted(image_batches(loader, device), len(loader)), q, progress)
     with _timed(timings, "evaluate"):
         eval_loader = make_loader(evalset, recipe.calib.batch_size, recipe.calib.workers, device)
         sums, fp_sums = run_metrics(qmodel, eval_loader, device, fp_model, progress, "compare with FP")
@@ -101,9 +101,3 @@ def _counted(iterable, n: int):
             return n
 
     return _Sized()
-
-
-def _labelled(progress: Progress | None, label: str):
-    if progress is None:
-        return None
-    return lambda done, total: progress(label, done, total)

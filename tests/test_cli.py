@@ -210,3 +210,19 @@ def test_checkout_runner_works_without_installing():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "cli.py", "--help"], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "quantize" in result.stdout
+
+
+def test_quantized_output_whose_parent_is_gone_still_reports_what_it_can(tmp_path, few_photos):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "parent.safetensors"
+    save_file(random_bn_stats(timm.create_model("test_resnet")).state_dict(), str(ckpt))
+    out = tmp_path / "q"
+    assert _quantize("test_resnet", "--checkpoint", ckpt, "--calib-data", few_photos, "--out", out).exit_code == 0
+    ckpt.unlink()
+    table = tmp_path / "r.csv"
+    result = runner.invoke(app, ["evaluate", str(out), "--data", str(few_photos), "--out", str(table)])
+    assert result.exit_code == 0, result.output
+    assert "FP parent unavailable" in result.output
+    header, row = table.read_text().splitlines()[:2]
+    assert header.startswith("model,kind,top1,top5,agreement,kl,sqnr_db,images,seconds,error")
+    assert ",6," in row  # six images were still evaluated

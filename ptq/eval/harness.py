@@ -21,7 +21,7 @@ from torch import nn
 from ptq.data import ImageFolder, find_images, make_loader
 from ptq.eval.metrics import MetricSums
 from ptq.export.checkpoint import CONFIG_FILE, data_config_from, load_quantized, read_quant_config
-from ptq.models import load_model
+from ptq.models import ModelLoadError, load_model
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int | None], None]
@@ -84,7 +84,10 @@ def evaluate_one(
         if quantized:
             meta = read_quant_config(spec)
             model, data_config = load_quantized(spec, device), data_config_from(meta)
-            fp_model, _ = load_model(meta["model"], checkpoint=meta.get("checkpoint"), device=device)
+            try:
+                fp_model, _ = load_model(meta["model"], checkpoint=meta.get("checkpoint"), device=device)
+            except ModelLoadError as e:  # still report accuracy; fidelity needs the parent
+                fp_model, row["error"] = None, f"FP parent unavailable, no agreement/KL/SQNR: {e}"
         elif Path(spec).is_dir():
             raise FileNotFoundError(
                 f"{spec} is a folder without {CONFIG_FILE}; pass a `ptq quantize` output or a timm name"

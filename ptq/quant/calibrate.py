@@ -19,7 +19,7 @@ from ptq.quant.modules import act_quantizers, quant_layers, set_quant_state
 from ptq.quant.observers import Observer, PerChannel, PerTensor, make_observer
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, int | None], None]
+Progress = Callable[[str, int, int | None], None]  # (stage, done, total)
 
 
 def _observer(config: QuantConfig, kind, granularity) -> Observer:
@@ -32,13 +32,16 @@ def _observer(config: QuantConfig, kind, granularity) -> Observer:
 
 
 @torch.no_grad()
-def calibrate_weights(model: nn.Module, config: QuantConfig) -> None:
+def calibrate_weights(model: nn.Module, config: QuantConfig, progress: Progress | None = None) -> None:
     granularity = PerChannel(0) if config.w_granularity is WeightGranularity.CHANNEL else PerTensor()
-    for layer in quant_layers(model).values():
+    layers = list(quant_layers(model).values())
+    for i, layer in enumerate(layers):
         q = layer.weight_quantizer
         obs = _observer(config, config.w_observer.value, granularity)
         obs.observe(layer.weight)
         q.set_qparams(*obs.calculate_qparams(q.bits, config.w_symmetric))
+        if progress is not None:
+            progress("weight ranges", i + 1, len(layers))
 
 
 @torch.no_grad()
@@ -57,17 +60,19 @@ def calibrate_activations(
             model(x)
             seen += x.shape[0]
             if progress is not None:
-                progress(i + 1, total)
+                progress("observe activations", i + 1, total)
     finally:
         observers = {name: q.observer for name, q in quantizers.items()}
         for q in quantizers.values():
             q.observer = None
-    for name, q in quantizers.items():
+    for i, (name, q) in enumerate(quantizers.items()):
         obs = observers[name]
         if obs is None or obs.lo is None:
             log.warning("activation quantizer %s saw no data and stays disabled", name)
             continue
         q.set_qparams(*obs.calculate_qparams(q.bits, config.a_symmetric))
+        if progress is not None:
+            progress("activation ranges", i + 1, len(quantizers))
     return seen
 
 
@@ -75,7 +80,7 @@ def calibrate(
     model: nn.Module, batches: Iterable[torch.Tensor], config: QuantConfig, progress: Progress | None = None
 ) -> nn.Module:
     """Round-to-nearest PTQ: weight ranges, then activation ranges; quantizers switched on per the config."""
-    calibrate_weights(model, config)
+    calibrate_weights(model, config, progress)
     calibrate_activations(model, batches, config, progress)
     return apply_quant_state(model, config)
 

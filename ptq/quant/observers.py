@@ -69,9 +69,12 @@ class Observer:
     def samples(self) -> torch.Tensor:
         if not self._samples:
             raise RuntimeError("observer has recorded nothing: run calibration data through the model first")
-        if len(self._samples) > 1:
-            self._samples = [torch.cat(self._samples, dim=1)]
-        return self._samples[0]
+        merged = torch.cat(self._samples, dim=1) if len(self._samples) > 1 else self._samples[0]
+        if merged.shape[1] > self.max_samples:
+            idx = torch.randperm(merged.shape[1], generator=self._generator)[: self.max_samples].to(merged.device)
+            merged = merged[:, idx]
+        self._samples = [merged]
+        return merged
 
     def calculate_range(self, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
