@@ -18,10 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ptq._io import OutputError, write_text
-from ptq.config import ConfigError, check_bits, load_recipe, recipe_names
+from ptq.config import ConfigError, SynthMethod, check_bits, load_recipe, recipe_names
 from ptq.data import DataError
 from ptq.export.checkpoint import CheckpointError
 from ptq.models import ModelLoadError
+from ptq.synth.synthesizer import SynthError
 
 app = typer.Typer(
     name="ptq",
@@ -32,7 +33,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-USER_ERRORS = (ConfigError, ModelLoadError, DataError, OutputError, CheckpointError)
+USER_ERRORS = (ConfigError, ModelLoadError, DataError, OutputError, CheckpointError, SynthError)
 
 
 def fail(message: str) -> None:
@@ -110,6 +111,37 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pr
     )
 
 
+def _resolve_recipe(recipe: str, overrides: list[str] | None, flags: dict[str, Any]) -> Any:
+    """The recipe with --set overrides, then the explicit command-line flags (which win)."""
+    sets = list(overrides or [])
+    sets += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    return load_recipe(recipe, sets)
+
+
+def _bit_flags(bits: int | None, w_bits: int | None, a_bits: int | None) -> dict[str, int | None]:
+    flags = {}
+    for key, own in (("w_bits", w_bits), ("a_bits", a_bits)):
+        value = own if own is not None else bits
+        if value is not None:
+            check_bits(value, "--" + key.replace("_", "-") if own is not None else "--bits")
+        flags[f"quant.{key}"] = value
+    return flags
+
+
+def _classes(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return "[" + ",".join(str(int(c)) for c in value.split(",") if c.strip()) + "]"
+    except ValueError:
+        fail(f"--classes expects comma-separated class indices, e.g. 1,207,980; got {value!r}")
+
+
+MethodOpt = Annotated[
+    str | None, typer.Option("--synth-method", help=f"Synthesis method: {', '.join(m.value for m in SynthMethod)}.")
+]
+
+
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. tf_efficientnet_lite0 or resnet50.")],
@@ -131,56 +163,115 @@ def quantize(
         list[str] | None, typer.Option("--set", help="Override a recipe value, e.g. --set quant.a_observer=minmax.")
     ] = None,
     zero_shot: Annotated[
-        bool, typer.Option("--zero-shot", help="Calibrate on images synthesized from the model.")
+        bool, typer.Option("--zero-shot", help="Calibrate on images synthesized from the model's BN statistics.")
     ] = False,
+    synth_method: MethodOpt = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", min=1, help="Synthetic images (zero-shot).")] = None,
+    synth_data: Annotated[
+        Path | None, typer.Option("--synth-data", help="Reuse (or make, resumably) the synthetic set in this folder.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N [default: cuda if available].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out folder.")] = False,
 ) -> None:
     """Quantize a pretrained timm model and write a packed low-bit checkpoint with a fidelity report."""
     from ptq.pipeline import quantize as run_quantize
 
-    if zero_shot:
-        fail("--zero-shot is not available yet: the data synthesizer has not landed; calibrate with --calib-data DIR")
-    if calib_data is None:
-        fail("no calibration data: pass --calib-data DIR (a folder of images)")
+    if calib_data is None and not zero_shot:
+        fail("no calibration data: pass --calib-data DIR (a folder of images), or --zero-shot to synthesize it")
+    if not zero_shot and (synth_method or num_images or synth_data):
+        fail("--synth-method, --num-images and --synth-data apply to --zero-shot runs only")
     with user_errors():
-        sets = list(overrides or [])
-        for key, own in (("w_bits", w_bits), ("a_bits", a_bits)):
-            value = own if own is not None else bits
-            if value is not None:
-                check_bits(value, "--" + key.replace("_", "-") if own is not None else "--bits")
-                sets.append(f"quant.{key}={value}")
-        resolved = load_recipe(recipe, sets)
+        flags = _bit_flags(bits, w_bits, a_bits) | {"synth.method": synth_method, "synth.num_images": num_images}
+        resolved = _resolve_recipe(recipe, overrides, flags)
         q = resolved.quant
         out = out or Path("runs") / f"{model}-w{q.w_bits}a{q.a_bits}"
         dev = check_device(device)
         with progress_bars() as progress:
-            report = run_quantize(model, resolved, calib_data, out, eval_data, checkpoint, dev, overwrite, progress)
+            report = run_quantize(
+                model, resolved, calib_data, out, eval_data, checkpoint, dev, overwrite, progress, zero_shot, synth_data
+            )
     _print_quantize_report(report, out)
+
+
+@app.command()
+def synthesize(
+    model: Annotated[str, typer.Argument(help="timm model name (a CNN with BatchNorm layers).")],
+    out: Annotated[Path, typer.Option(help="Folder for the shards, synth.json and preview.png (resumable).")],
+    method: Annotated[
+        str | None, typer.Option(help=f"{', '.join(m.value for m in SynthMethod)} [default: the recipe's, intraq].")
+    ] = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", min=1, help="Images to synthesize.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per batch.")] = None,
+    iters: Annotated[int | None, typer.Option(min=1, help="Iterations per batch [default: the method's].")] = None,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class indices to draw labels from.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (the set is a function of it).")] = None,
+    calib_data: Annotated[
+        Path | None, typer.Option("--calib-data", help="Real images (fdda: one per class is enough).")
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Local weights (.safetensors or .pth).")] = None,
+    recipe: Annotated[str, typer.Option(help="Recipe name or YAML file (its synth section).")] = "rtn",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N [default: cuda if available].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a set made with other settings in --out.")] = False,
+) -> None:
+    """Synthesize calibration images from a pretrained model's BatchNorm statistics (rerun to resume)."""
+    from ptq.models import load_model
+    from ptq.pipeline import synthesize_set
+    from ptq.synth.run import check_synth_dir
+    from ptq.synth.run import fingerprint as synth_fingerprint
+
+    flags = {
+        "synth.method": method,
+        "synth.num_images": num_images,
+        "synth.batch_size": batch_size,
+        "synth.iters": iters,
+        "synth.classes": _classes(classes),
+        "synth.seed": seed,
+    }
+    with user_errors():
+        resolved = _resolve_recipe(recipe, overrides, flags)
+        dev = check_device(device)
+        fp_model, data_config = load_model(model, checkpoint=checkpoint, device=dev)
+        check_synth_dir(out, synth_fingerprint(model, data_config, resolved.synth), overwrite)  # before any work
+        with progress_bars() as progress:
+            meta, _ = synthesize_set(fp_model, model, data_config, resolved, out, calib_data, dev, overwrite, progress)
+    last = meta["batch_losses"][-1] if meta["batch_losses"] else {}
+    console.print(
+        f"wrote {meta['num_images']} {meta['method']} images for {model} to {out}/ in {meta['seconds']:.1f}s "
+        f"({meta['resumed_batches']} of {meta['num_batches']} batches resumed); final loss of the last batch: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in last.items())
+    )
 
 
 def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
     ev, size, fp = report["evaluation"], report["size"], report["fp_evaluation"]
-    table = Table(
-        title=f"{report['model']} W{report['w_bits']}A{report['a_bits']} ({report['method']}, "
-        f"{report['bit_convention']} convention) vs FP on {ev['images']} images"
-    )
+    calib = report["calibration"]
+    source = f"{calib['images']} synthetic images" if calib["data"] == "synthetic" else f"{calib['images']} images"
+    title = f"{report['model']} W{report['w_bits']}A{report['a_bits']} ({report['method']}, {report['bit_convention']} "
+    title += f"convention, calibrated on {source})"
+    table = Table(title=title + (f" vs FP on {ev['images']} images" if ev else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
-    if ev["top1"] is not None:
-        table.add_row("top-1 FP → quantized (%)", f"{_fmt(fp['top1'])} → {_fmt(ev['top1'])}")
-        table.add_row("top-5 FP → quantized (%)", f"{_fmt(fp['top5'])} → {_fmt(ev['top5'])}")
-    table.add_row("top-1 agreement with FP (%)", _fmt(ev["agreement"]))
-    table.add_row("KL(FP ‖ Q) (nats/image)", _fmt(ev["kl"], 4))
-    table.add_row("logit SQNR (dB)", _fmt(ev["sqnr_db"]))
+    if ev is not None:
+        if ev["top1"] is not None:
+            table.add_row("top-1 FP → quantized (%)", f"{_fmt(fp['top1'])} → {_fmt(ev['top1'])}")
+            table.add_row("top-5 FP → quantized (%)", f"{_fmt(fp['top5'])} → {_fmt(ev['top5'])}")
+        table.add_row("top-1 agreement with FP (%)", _fmt(ev["agreement"]))
+        table.add_row("KL(FP ‖ Q) (nats/image)", _fmt(ev["kl"], 4))
+        table.add_row("logit SQNR (dB)", _fmt(ev["sqnr_db"]))
     table.add_row("FP32 weights (MB)", _fmt(size["fp32_bytes"] / 1e6))
     table.add_row("packed checkpoint (MB)", _fmt(size["checkpoint_bytes"] / 1e6))
     table.add_row("size ratio", _fmt(size["ratio"], 3))
-    table.add_row(
-        "time: load / calibrate / compare (s)",
-        " / ".join(_fmt(report["timings_s"].get(k)) for k in ("load", "calibrate", "evaluate")),
-    )
+    stages = [k for k in ("load", "synthesize", "calibrate", "evaluate") if k in report["timings_s"]]
+    table.add_row(f"time: {' / '.join(stages)} (s)", " / ".join(_fmt(report["timings_s"][k]) for k in stages))
     console.print(table)
+    if ev is None:
+        console.print("no fidelity report: pass --eval-data DIR (real images) to compare with the FP model")
+    if report["method"] == "rtn" and report["w_bits"] < 8:
+        console.print(
+            "note: round-to-nearest below 8-bit weights loses much accuracy on most networks; "
+            "block reconstruction (AdaRound/BRECQ/QDrop) is what recovers it and is not available yet"
+        )
     console.print(f"wrote {out}/ (model.safetensors, quant_config.json, recipe.yaml, report.json)")
 
 

@@ -50,6 +50,15 @@ class Method(str, Enum):
     RTN = "rtn"
 
 
+class SynthMethod(str, Enum):
+    """Zero-shot data synthesis methods (ALGORITHMS.md §1)."""
+
+    BNS = "bns"  # BN-statistic matching (ZeroQ / GDFQ)
+    INTRAQ = "intraq"  # BNS + soft inception loss + marginal distance constraint + local object reinforcement
+    FDDA = "fdda"  # per-class BN statistics from a few real images; centralized + distorted losses
+    GENIE = "genie"  # generator + latents, BNS on mean/std, swing convolution
+
+
 def check_bits(bits: int, what: str) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ConfigError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
@@ -106,11 +115,132 @@ class CalibConfig:
             raise ConfigError(f"calib.workers must be ≥ 0, got {self.workers}")
 
 
+# Published defaults per method; a recipe or --set value overrides any of them (None means "take the preset").
+SYNTH_PRESETS: dict[SynthMethod, dict[str, Any]] = {
+    SynthMethod.BNS: dict(
+        iters=500,
+        w_bns=1.0,
+        w_input=0.0,
+        w_sil=0.0,
+        w_mdc=0.0,
+        w_ce=0.0,
+        lor_prob=0.0,
+        use_std=False,
+        per_sample_stats=False,
+        swing=False,
+    ),
+    SynthMethod.INTRAQ: dict(
+        iters=1000,
+        w_bns=1.0,
+        w_input=0.0,
+        w_sil=1.0,
+        w_mdc=1.0,
+        w_ce=0.0,
+        lor_prob=0.5,
+        use_std=False,
+        per_sample_stats=False,
+        swing=False,
+    ),
+    SynthMethod.FDDA: dict(
+        iters=500,
+        w_bns=0.2,
+        w_input=0.0,
+        w_sil=0.0,
+        w_mdc=0.0,
+        w_ce=0.5,
+        lor_prob=0.0,
+        use_std=False,
+        per_sample_stats=False,
+        swing=False,
+    ),
+    SynthMethod.GENIE: dict(
+        iters=4000,
+        w_bns=1.0,
+        w_input=0.0,
+        w_sil=0.0,
+        w_mdc=0.0,
+        w_ce=0.0,
+        lor_prob=0.0,
+        use_std=True,
+        per_sample_stats=False,
+        swing=True,
+    ),
+}
+
+
+@dataclass
+class SynthConfig:
+    method: SynthMethod = SynthMethod.INTRAQ
+    num_images: int = 256
+    batch_size: int = 32
+    iters: int | None = None
+    lr: float = 0.5  # Adam on pixels
+    min_lr: float = 1e-4
+    plateau_patience: int = 100  # iterations without improvement before the LR drops ×0.1
+    plateau_window: int = 20  # the loss is read back from the device once per window, not every iteration
+    seed: int = 0
+    classes: list | None = None  # restrict labels to these class indices
+    per_sample_stats: bool | None = None
+    use_std: bool | None = None
+    w_bns: float | None = None
+    w_input: float | None = None
+    w_sil: float | None = None
+    w_mdc: float | None = None
+    w_ce: float | None = None
+    w_fdda_central: float = 0.01
+    w_fdda_distorted: float = 0.9
+    lor_prob: float | None = None  # probability of the batched random-resized-crop + flip per iteration
+    crop_min_scale: float = 0.5
+    sil_epsilon: float = 0.6
+    mdc_lower: float = 0.02
+    mdc_upper: float = 1.0
+    fdda_mean_std: float = 0.5
+    fdda_var_std: float = 1.0
+    latent_dim: int = 256
+    latent_lr: float = 0.1
+    generator_lr: float = 0.01
+    swing: bool | None = None
+
+    def __post_init__(self):
+        coerce_enums(self)
+        for key, value in SYNTH_PRESETS[self.method].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        for name in ("num_images", "batch_size", "iters", "plateau_patience", "plateau_window", "latent_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"synth.{name} must be an integer ≥ 1, got {value!r}")
+        for name in ("lr", "min_lr", "latent_lr", "generator_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"synth.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in (
+            "w_bns",
+            "w_input",
+            "w_sil",
+            "w_mdc",
+            "w_ce",
+            "w_fdda_central",
+            "w_fdda_distorted",
+            "fdda_mean_std",
+            "fdda_var_std",
+        ):
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) >= 0:
+                raise ConfigError(f"synth.{name} must be a number ≥ 0, got {getattr(self, name)!r}")
+        for name in ("lor_prob", "crop_min_scale", "sil_epsilon"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"synth.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.classes is not None and (
+            not isinstance(self.classes, list) or not self.classes or not all(isinstance(c, int) for c in self.classes)
+        ):
+            raise ConfigError(f"synth.classes must be a non-empty list of class indices, got {self.classes!r}")
+
+
 @dataclass
 class Recipe:
     method: Method = Method.RTN
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
 
     def __post_init__(self):
         coerce_enums(self)

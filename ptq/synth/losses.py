@@ -1,0 +1,83 @@
+"""Synthesis losses as small composable functions (ALGORITHMS.md §1). A method preset weights and sums them.
+
+- BNS (ZeroQ / GDFQ): L = (1/L) Σ_l [ MSE(μ̂_l, μ_l) + MSE(σ̂²_l, σ²_l) ], optionally on σ = √(σ² + 1e-6).
+- Input statistics: each image's per-channel mean/std pulled towards 0/1 (the normalised input space).
+- Soft Inception Loss (IntraQ arXiv 2111.09136): L = mean((p_{i,y} − t_i)²), t_i ~ U(ε, 1) w.p. 0.5, else 1.
+- Marginal Distance Constraint (IntraQ): D = 1 − cos(f_i, c_y); L = mean(relu(λ_l − D) + relu(D − λ_u)).
+- FDDA (arXiv 2109.04186): BNS-centralized and BNS-distorted losses on the deep half of the BN layers, against
+  per-class statistics measured on real images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+STD_EPS = 1e-6
+
+
+def _spread(var: torch.Tensor, use_std: bool) -> torch.Tensor:
+    return torch.sqrt(var + STD_EPS) if use_std else var
+
+
+def bns_loss(
+    means: list[torch.Tensor],
+    variances: list[torch.Tensor],
+    target_means: list[torch.Tensor],
+    target_vars: list[torch.Tensor],
+    use_std: bool = False,
+    indices: list[int] | None = None,
+) -> torch.Tensor:
+    """Mean over the chosen layers of MSE(μ̂, μ) + MSE(spread(σ̂²), spread(σ²)); per-sample statistics broadcast."""
+    indices = range(len(means)) if indices is None else indices
+    total = 0.0
+    for i in indices:
+        total = (
+            total
+            + F.mse_loss(means[i], target_means[i].expand_as(means[i]))
+            + F.mse_loss(_spread(variances[i], use_std), _spread(target_vars[i], use_std).expand_as(variances[i]))
+        )
+    return total / len(indices)
+
+
+def input_stats_loss(x: torch.Tensor) -> torch.Tensor:
+    """Each image's per-channel mean towards 0 and standard deviation towards 1."""
+    std, mean = torch.std_mean(x, dim=(2, 3))
+    return F.mse_loss(mean, torch.zeros_like(mean)) + F.mse_loss(std, torch.ones_like(std))
+
+
+def soft_inception_loss(
+    logits: torch.Tensor, labels: torch.Tensor, epsilon: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(p_{i,y} − t_i)² with soft targets t_i ~ U(ε, 1) for a random half of the batch, 1 for the rest."""
+    p = logits.float().softmax(dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
+    n, device = labels.numel(), logits.device
+    soft = torch.rand(n, generator=generator, device=device) < 0.5
+    uniform = epsilon + (1 - epsilon) * torch.rand(n, generator=generator, device=device)
+    return F.mse_loss(p, torch.where(soft, uniform, torch.ones_like(uniform)))
+
+
+def marginal_distance_loss(
+    features: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, valid: torch.Tensor, lower: float, upper: float
+) -> torch.Tensor:
+    """Keep 1 − cos(f_i, c_{y_i}) within [λ_l, λ_u] for images whose class already has a centre (`valid[y]`)."""
+    mask = valid[labels]
+    if not mask.any():
+        return features.new_zeros(())
+    distance = 1 - F.cosine_similarity(features[mask].float(), centres[labels[mask]], dim=1)
+    return (F.relu(lower - distance) + F.relu(distance - upper)).mean()
+
+
+def distorted_targets(
+    means: list[torch.Tensor],
+    variances: list[torch.Tensor],
+    mean_std: float,
+    var_std: float,
+    generator: torch.Generator | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """FDDA's BNS-distorted targets μ_c + N(0, a²), σ²_c + N(0, b²) (variance kept ≥ 0), re-drawn on every call."""
+    out_m, out_v = [], []
+    for m, v in zip(means, variances, strict=True):
+        out_m.append(m + mean_std * torch.randn(m.shape, generator=generator, device=m.device))
+        out_v.append((v + var_std * torch.randn(v.shape, generator=generator, device=v.device)).clamp_min(0))
+    return out_m, out_v

@@ -1,0 +1,159 @@
+"""`synthesize(...)`: make (or resume) a synthetic calibration set in a folder.
+
+Rerunning the same command after an interruption keeps every valid finished shard and continues; the set is
+identical to an uninterrupted run with the same seed. A folder holding a set made with other settings is refused
+unless `overwrite`. Metadata (model, method, resolved settings, per-batch final losses) and a preview grid are
+written once all shards exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptq._io import OutputError, atomic_path, write_json
+from ptq.config import SynthConfig, to_plain
+from ptq.synth.shards import META_FILE, PREVIEW_FILE, read_shard, shard_path, write_shard
+from ptq.synth.synthesizer import ClassStatistics, Synthesizer
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int | None], None]
+FORMAT_VERSION = 1
+
+
+def fingerprint(model_name: str, data_config: dict, config: SynthConfig) -> str:
+    """Everything that changes a batch's content; num_images is left out so that a set can grow."""
+    settings = {k: v for k, v in to_plain(config.__dict__).items() if k != "num_images"}
+    key = {
+        "model": model_name,
+        "input_size": list(data_config["input_size"]),
+        "mean": list(data_config["mean"]),
+        "std": list(data_config["std"]),
+        "settings": settings,
+        "version": FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def batch_sizes(num_images: int, batch_size: int) -> list[int]:
+    full, rest = divmod(num_images, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def check_synth_dir(out: Path, fp: str, overwrite: bool) -> None:
+    """Fail before any work if `out` cannot be written or holds a set made with other settings."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; choose a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create --out {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise OutputError(f"--out {out} is not writable; choose a writable folder")
+    meta = out / META_FILE
+    foreign = []
+    if meta.is_file():
+        try:
+            if json.loads(meta.read_text()).get("fingerprint") != fp:
+                foreign.append(meta)
+        except json.JSONDecodeError:
+            foreign.append(meta)
+    others = [p for p in out.iterdir() if p.name not in (META_FILE, PREVIEW_FILE) and not p.name.startswith("shard_")]
+    if foreign or others:
+        if not overwrite:
+            raise OutputError(
+                f"--out {out} holds other files or a set made with other settings; choose another folder or --overwrite"
+            )
+        for p in out.iterdir():
+            if p.is_file() and (p.name.startswith("shard_") or p.name in (META_FILE, PREVIEW_FILE)):
+                p.unlink()
+
+
+def synthesize(
+    model: nn.Module,
+    model_name: str,
+    data_config: dict,
+    config: SynthConfig,
+    out: str | Path,
+    device: torch.device | str = "cpu",
+    class_stats: ClassStatistics | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Write (or complete) the synthetic set in `out`; return its metadata."""
+    out = Path(out)
+    fp = fingerprint(model_name, data_config, config)
+    check_synth_dir(out, fp, overwrite)
+    synth = Synthesizer(model, tuple(data_config["input_size"]), config, device, class_stats)
+    sizes = batch_sizes(config.num_images, config.batch_size)
+    total_iters = len(sizes) * config.iters
+    losses: list[dict[str, float]] = []
+    resumed, start = 0, time.perf_counter()
+    for index, size in enumerate(sizes):
+        path = shard_path(out, index)
+        shard = read_shard(path, fp)
+        if shard is not None and shard[0]["images"].shape[0] == size:
+            synth.load_state(shard[0])
+            losses.append(shard[1]["losses"])
+            resumed += 1
+            if progress is not None:
+                progress("synthesize", (index + 1) * config.iters, total_iters)
+            continue
+
+        def step(it, done=index * config.iters):
+            if progress is not None:
+                progress("synthesize", done + it, total_iters)
+
+        batch = synth.batch(index, size, step)
+        write_shard(path, index, fp, batch.images, batch.labels, batch.losses, synth.state())
+        losses.append(batch.losses)
+        log.info("batch %d/%d: %s", index + 1, len(sizes), {k: round(v, 4) for k, v in batch.losses.items()})
+    for stale in out.glob("shard_*.safetensors"):  # shards beyond the requested size (a smaller rerun)
+        if int(stale.stem.split("_")[1]) >= len(sizes):
+            stale.unlink()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": model_name,
+        "method": config.method.value,
+        "fingerprint": fp,
+        "num_images": config.num_images,
+        "num_batches": len(sizes),
+        "data_config": data_config,
+        "settings": to_plain(config.__dict__),
+        "real_classes": class_stats.classes if class_stats is not None else None,
+        "batch_losses": losses,
+        "resumed_batches": resumed,
+        "seconds": round(time.perf_counter() - start, 2),
+        "device": str(device),
+    }
+    write_preview(out, fp, len(sizes), data_config)
+    write_json(out / META_FILE, meta)
+    return meta
+
+
+def write_preview(out: Path, fp: str, num_batches: int, data_config: dict, count: int = 64) -> None:
+    """A PNG grid of the first images, de-normalised with the model's mean/std."""
+    from torchvision.utils import save_image
+
+    images: list[torch.Tensor] = []
+    for index in range(num_batches):
+        shard = read_shard(shard_path(out, index), fp)
+        if shard is None or sum(i.shape[0] for i in images) >= count:
+            break
+        images.append(shard[0]["images"])
+    if not images:
+        return
+    x = torch.cat(images)[:count]
+    mean = torch.tensor(data_config["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(data_config["std"]).view(1, -1, 1, 1)
+    with atomic_path(out / PREVIEW_FILE) as tmp:
+        save_image((x * std + mean).clamp(0, 1), str(tmp), nrow=8, format="png")

@@ -1,0 +1,229 @@
+"""Zero-shot synthesis on a model with real BatchNorm statistics (test_resnet trained on the digits)."""
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from ptq.config import SynthConfig
+from ptq.synth import SynthError, Synthesizer, SyntheticSet, class_statistics, synthesize
+from ptq.synth.augment import random_resized_crop
+from ptq.synth.run import batch_sizes
+from ptq.synth.shards import read_shard, shard_path, write_shard
+from ptq.synth.stats import BNStatistics
+
+SIZE = (1, 32, 32)
+DATA_CONFIG = {"input_size": SIZE, "mean": (0.5,), "std": (0.5,)}
+
+
+def _gap(model, x):
+    """Mean over BN layers of the relative distance between the batch statistics of x and the running statistics."""
+    stats = BNStatistics(model)
+    with torch.no_grad(), stats:
+        model(x)
+    mu, var = stats.running()
+    gaps = [((m - t).norm() / t.norm().clamp_min(1e-3)).item() for m, t in zip(stats.means, mu, strict=True)]
+    gaps += [((v - t).norm() / t.norm()).item() for v, t in zip(stats.vars, var, strict=True)]
+    return sum(gaps) / len(gaps)
+
+
+def test_bns_loss_falls_and_statistics_approach_the_running_ones(digits_model):
+    config = SynthConfig(method="bns", iters=1, batch_size=32)
+    start = Synthesizer(digits_model, SIZE, config).batch(0, 32)
+    config = SynthConfig(method="bns", iters=150, batch_size=32)
+    end = Synthesizer(digits_model, SIZE, config).batch(0, 32)
+    assert end.losses["bns"] < start.losses["bns"] / 10
+    assert _gap(digits_model, end.images) < _gap(digits_model, start.images) / 3
+
+
+def test_bn_hooks_reduce_per_batch_and_per_sample(digits_model):
+    x = torch.randn(4, *SIZE)
+    for per_sample in (False, True):
+        stats = BNStatistics(digits_model, per_sample=per_sample)
+        channels = stats.layers[0][1].num_features
+        shape = (4, channels) if per_sample else (channels,)
+        with torch.no_grad(), stats:
+            digits_model(x)
+        assert stats.means[0].shape == shape and stats.vars[0].shape == shape
+    assert not stats.layers[0][1]._forward_pre_hooks  # hooks are removed afterwards
+
+
+def test_batched_crop_is_differentiable_keeps_shape_and_is_seeded():
+    x = torch.randn(6, 3, 20, 24, requires_grad=True)
+    a = random_resized_crop(x, 0.5, torch.Generator().manual_seed(0))
+    b = random_resized_crop(x, 0.5, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, b)
+    a.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not torch.allclose(a, x)
+
+
+@pytest.mark.parametrize("method", ["intraq", "fdda"])
+def test_class_conditional_methods_raise_the_target_class_probability(digits_model, digits, method):
+    xtr, ytr, _, _ = digits
+    stats = None
+    if method == "fdda":
+        one_per_class = torch.stack([xtr[(ytr == c).nonzero()[0, 0]] for c in range(10)])
+        stats = class_statistics(digits_model, one_per_class, torch.arange(10))
+    config = SynthConfig(method=method, iters=120, batch_size=16, classes=[3] if method == "intraq" else None)
+    synth = Synthesizer(digits_model, SIZE, config, class_stats=stats)
+    init = torch.randn(16, *SIZE, generator=torch.Generator().manual_seed(5))
+    batch = synth.batch(3, 16)
+    target = int(batch.labels[0])
+    assert (batch.labels == target).all()
+    with torch.no_grad():
+        before = digits_model(init).softmax(1)[:, target].mean()
+        after = digits_model(batch.images).softmax(1)[:, target].mean()
+    assert after > 0.5 and after > before + 0.3
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(digits_model, tmp_path, monkeypatch):
+    config = SynthConfig(method="intraq", num_images=20, batch_size=8, iters=15, seed=3)
+    whole = synthesize(digits_model, "test_resnet", DATA_CONFIG, config, tmp_path / "whole")
+    original = Synthesizer.batch
+
+    def interrupted(self, index, size, step=None):
+        if index == 1:
+            raise KeyboardInterrupt
+        return original(self, index, size, step)
+
+    monkeypatch.setattr(Synthesizer, "batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(digits_model, "test_resnet", DATA_CONFIG, config, tmp_path / "resumed")
+    assert shard_path(tmp_path / "resumed", 0).is_file() and not shard_path(tmp_path / "resumed", 1).exists()
+    monkeypatch.setattr(Synthesizer, "batch", original)
+    meta = synthesize(digits_model, "test_resnet", DATA_CONFIG, config, tmp_path / "resumed")
+    assert meta["resumed_batches"] == 1 and meta["num_batches"] == 3
+    a, b = SyntheticSet(tmp_path / "whole"), SyntheticSet(tmp_path / "resumed")
+    assert len(a) == 20 and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert meta["batch_losses"] == whole["batch_losses"]
+    assert (tmp_path / "resumed" / "preview.png").stat().st_size > 0
+
+
+def test_corrupt_shard_is_detected_and_regenerated(digits_model, tmp_path):
+    config = SynthConfig(method="bns", num_images=16, batch_size=8, iters=5)
+    synthesize(digits_model, "test_resnet", DATA_CONFIG, config, tmp_path)
+    reference = SyntheticSet(tmp_path).images.clone()
+    path = shard_path(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # flip bits inside the image data
+    path.write_bytes(bytes(data))
+    assert read_shard(path, _fingerprint(tmp_path)) is None
+    meta = synthesize(digits_model, "test_resnet", DATA_CONFIG, config, tmp_path)
+    assert meta["resumed_batches"] == 1
+    assert torch.equal(SyntheticSet(tmp_path).images, reference)
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    assert synthesize(digits_model, "test_resnet", DATA_CONFIG, config, tmp_path)["resumed_batches"] == 1
+
+
+def _fingerprint(folder):
+    import json
+
+    return json.loads((folder / "synth.json").read_text())["fingerprint"]
+
+
+def test_shards_round_trip(tmp_path):
+    images, labels = torch.randn(3, 1, 4, 4), torch.tensor([1, 2, 3])
+    state = {"centre_sums": torch.ones(2, 5), "centre_counts": torch.ones(2)}
+    write_shard(tmp_path / "s.safetensors", 7, "abc", images, labels, {"total": 0.5}, state)
+    tensors, header = read_shard(tmp_path / "s.safetensors", "abc")
+    assert torch.equal(tensors["images"], images) and torch.equal(tensors["labels"], labels)
+    assert torch.equal(tensors["centre_sums"], state["centre_sums"])
+    assert header == {"index": 7, "losses": {"total": 0.5}}
+    assert read_shard(tmp_path / "s.safetensors", "other settings") is None
+
+
+def test_num_images_need_not_be_a_multiple_of_the_batch():
+    assert batch_sizes(20, 8) == [8, 8, 4] and batch_sizes(16, 8) == [8, 8] and batch_sizes(3, 8) == [3]
+
+
+def test_models_without_batchnorm_and_fdda_without_real_images_error_clearly(digits_model):
+    vit = timm.create_model("test_vit").eval()
+    with pytest.raises(SynthError, match="no BatchNorm layers.*bns, intraq, fdda, genie.*--calib-data"):
+        Synthesizer(vit, (3, 160, 160), SynthConfig())
+    with pytest.raises(SynthError, match="pass --calib-data"):
+        Synthesizer(digits_model, SIZE, SynthConfig(method="fdda"))
+
+
+def test_genie_generator_path_runs_and_lowers_bns(digits_model):
+    one = Synthesizer(digits_model, SIZE, SynthConfig(method="genie", iters=1)).batch(0, 8)
+    many = Synthesizer(digits_model, SIZE, SynthConfig(method="genie", iters=60)).batch(0, 8)
+    assert many.images.shape == (8, *SIZE)
+    assert many.losses["bns"] < one.losses["bns"]
+
+
+runner = CliRunner()
+
+
+def test_cli_synthesize_then_quantize_zero_shot(tmp_path, samples_dir):
+    from safetensors.torch import save_file
+
+    from ptq.cli import app
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "w.safetensors"
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(ckpt))
+    synth = tmp_path / "synth"
+    args = [
+        "synthesize",
+        "test_efficientnet",
+        "--checkpoint",
+        str(ckpt),
+        "--method",
+        "bns",
+        "--num-images",
+        "6",
+        "--batch-size",
+        "4",
+        "--iters",
+        "3",
+        "--out",
+        str(synth),
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in synth.iterdir()) == [
+        "preview.png",
+        "shard_00000.safetensors",
+        "shard_00001.safetensors",
+        "synth.json",
+    ]
+    result = runner.invoke(app, args)  # rerun: everything resumed, nothing redone
+    assert result.exit_code == 0 and "2 of 2 batches resumed" in " ".join(result.output.split())
+    changed = [*args[:-4], "--iters", "4", "--out", str(synth), "--device", "cpu"]
+    result = runner.invoke(app, changed)
+    assert result.exit_code != 0 and "other settings" in " ".join(result.output.split())
+    out = tmp_path / "q"
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            "test_efficientnet",
+            "--checkpoint",
+            str(ckpt),
+            "--bits",
+            "8",
+            "--zero-shot",
+            "--synth-data",
+            str(synth),
+            "--eval-data",
+            str(samples_dir),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["data"] == "synthetic" and report["calibration"]["images"] == 6
+    assert report["evaluation"]["images"] == 66
+    # an unwritable --out fails before any work
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(app, [*args[:-4], "--out", str(blocker / "sub"), "--device", "cpu"])
+    assert result.exit_code != 0 and "--out" in result.output
