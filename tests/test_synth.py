@@ -227,3 +227,14 @@ def test_cli_synthesize_then_quantize_zero_shot(tmp_path, samples_dir):
     blocker.write_text("x")
     result = runner.invoke(app, [*args[:-4], "--out", str(blocker / "sub"), "--device", "cpu"])
     assert result.exit_code != 0 and "--out" in result.output
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fused_channel_moments_match_var_mean_in_value_and_gradient(per_sample):
+    from ptq.synth.stats import ChannelMoments
+
+    x = (torch.randn(3, 4, 5, 6, dtype=torch.double) * 2 + 1).requires_grad_()
+    mean, var = ChannelMoments.apply(x, per_sample)
+    ref_var, ref_mean = torch.var_mean(x, dim=(2, 3) if per_sample else (0, 2, 3), unbiased=False)
+    assert torch.allclose(mean, ref_mean) and torch.allclose(var, ref_var)
+    assert torch.autograd.gradcheck(lambda t: ChannelMoments.apply(t, per_sample), (x,))

@@ -1,0 +1,137 @@
+"""Cost of one synthesis iteration per method ÷ one bare forward+backward of the model w.r.t. its input.
+
+Same model, batch and resolution, measured in one run (these machines are shared and noisy: ratios, not absolute
+times, are the result). Target: ≤ 1.15 for bns and intraq. Also records images/second and peak memory (CUDA: peak
+allocated per method; CPU: the process's peak resident set, which only grows).
+
+    python benchmarks/synth_speed.py [--model tf_efficientnet_lite0] [--batch 32] [--iters 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from ptq.config import SynthConfig
+from ptq.models import load_model
+from ptq.synth.synthesizer import ClassStatistics, Synthesizer, class_statistics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bare_iteration(model, size, batch, iters, device) -> float:
+    """Seconds per forward+backward of the model w.r.t. a batch of input pixels (parameters frozen)."""
+    model.requires_grad_(False)
+    x = torch.randn(batch, *size, device=device, requires_grad=True)
+    for _ in range(3):
+        model(x).sum().backward()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        x.grad = None
+        model(x).sum().backward()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def method_iteration(model, size, batch, iters, device, method, stats: ClassStatistics | None) -> float:
+    """Seconds per synthesis iteration (loss, backward, optimiser step), from two runs of different length."""
+
+    def run(n):
+        config = SynthConfig(method=method, iters=n, batch_size=batch, plateau_window=10)
+        synth = Synthesizer(model, size, config, device, stats)
+        sync(device)
+        start = time.perf_counter()
+        synth.batch(0, batch)
+        sync(device)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    short, long = run(iters // 2), run(iters + iters // 2)
+    return (long - short) / iters  # set-up and the final forward cancel out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tf_efficientnet_lite0")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--methods", default="bns,intraq,fdda,genie")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model, data_config = load_model(args.model, device=device)
+    size = tuple(data_config["input_size"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    bare = bare_iteration(model, size, args.batch, args.iters, device)
+    rows = [
+        {
+            "method": "bare forward+backward",
+            "s_per_iter": bare,
+            "ratio": 1.0,
+            "image_iterations_per_s": args.batch / bare,
+            "peak_mb": peak_mb(device),
+        }
+    ]
+    print(f"{'bare forward+backward':24s} {bare * 1e3:8.1f} ms/iter  1.000×", flush=True)
+    real = torch.randn(10, *size, device=device)
+    stats = class_statistics(model, real, torch.arange(10, device=device))
+    for method in args.methods.split(","):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = method_iteration(model, size, args.batch, args.iters, device, method, stats)
+        rows.append(
+            {
+                "method": method,
+                "s_per_iter": t,
+                "ratio": t / bare,
+                "image_iterations_per_s": args.batch / t,
+                "peak_mb": peak_mb(device),
+            }
+        )
+        print(f"{method:24s} {t * 1e3:8.1f} ms/iter  {t / bare:.3f}×  peak {rows[-1]['peak_mb']:.0f} MB", flush=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = f"synth_speed_{args.model}_b{args.batch}_{device.type}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "batch": args.batch,
+                "input_size": list(size),
+                "iters": args.iters,
+                "device": device_name,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
