@@ -67,6 +67,7 @@ class ImageFolder(Dataset):
         self.images = find_images(self.root)
         self.labels = infer_labels(self.root, self.images)
         self.transform = create_transform(**data_config, is_training=False)
+        self.mode = "L" if data_config.get("input_size", (3,))[0] == 1 else "RGB"  # grayscale models read grayscale
 
     @property
     def labelled(self) -> bool:
@@ -79,7 +80,7 @@ class ImageFolder(Dataset):
         path = self.images[i]
         try:
             with Image.open(path) as im:
-                image = im.convert("RGB")
+                image = im.convert(self.mode)
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from None
         return self.transform(image), (self.labels[i] if self.labels is not None else -1)

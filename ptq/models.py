@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 import logging
 import os
 import socket
@@ -78,6 +79,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"checkpoint {path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def checkpoint_data_config(path: str | Path) -> dict | None:
+    """A data config stored in a .safetensors header under `pretrained_cfg` (input_size, mean, std, ...), if any.
+
+    Lets a checkpoint trained at another resolution or channel count carry its own preprocessing.
+    """
+    if Path(path).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("pretrained_cfg")
+    if raw is None:
+        return None
+    try:
+        cfg = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ModelLoadError(f"checkpoint {path}: its pretrained_cfg header is not valid JSON") from None
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
 def _shape_kwargs(name: str, state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -171,7 +192,9 @@ def create(name: str, checkpoint: str | Path | None = None, pretrained: bool = T
     check_model_name(name)
     if checkpoint is not None:
         state = read_state_dict(checkpoint)
-        model = timm.create_model(name, pretrained=False, **_shape_kwargs(name, state))
+        overlay = checkpoint_data_config(checkpoint)
+        kwargs = _shape_kwargs(name, state) | ({"pretrained_cfg_overlay": overlay} if overlay else {})
+        model = timm.create_model(name, pretrained=False, **kwargs)
         _load_into(model, state, f"checkpoint {checkpoint}")
         return model, str(checkpoint)
     if not pretrained:

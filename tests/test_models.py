@@ -63,3 +63,15 @@ def test_offline_lite0_weights_are_real_imagenet_weights(samples_dir):
         top = model(x).argmax(1).tolist()
     assert 281 <= top[0] <= 285  # a domestic cat class
     assert top[1] == 967  # espresso
+
+
+def test_checkpoint_header_carries_its_data_config(tmp_path):
+    import json
+
+    src = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    path = tmp_path / "digits.safetensors"
+    cfg = {"input_size": [1, 32, 32], "mean": [0.5], "std": [0.5], "crop_pct": 1.0}
+    save_file(src.state_dict(), str(path), metadata={"pretrained_cfg": json.dumps(cfg)})
+    model, data_config = load_model("test_resnet", checkpoint=path)
+    assert data_config["input_size"] == (1, 32, 32) and data_config["mean"] == (0.5,)
+    assert model.num_classes == 10

@@ -21,23 +21,20 @@ def _spread(var: torch.Tensor, use_std: bool) -> torch.Tensor:
 
 
 def bns_loss(
-    means: list[torch.Tensor],
-    variances: list[torch.Tensor],
-    target_means: list[torch.Tensor],
-    target_vars: list[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    target_mean: torch.Tensor,
+    target_var: torch.Tensor,
+    weights: torch.Tensor,
     use_std: bool = False,
-    indices: list[int] | None = None,
 ) -> torch.Tensor:
-    """Mean over the chosen layers of MSE(μ̂, μ) + MSE(spread(σ̂²), spread(σ²)); per-sample statistics broadcast."""
-    indices = range(len(means)) if indices is None else indices
-    total = 0.0
-    for i in indices:
-        total = (
-            total
-            + F.mse_loss(means[i], target_means[i].expand_as(means[i]))
-            + F.mse_loss(_spread(variances[i], use_std), _spread(target_vars[i], use_std).expand_as(variances[i]))
-        )
-    return total / len(indices)
+    """(1/L) Σ_l [MSE(μ̂_l, μ_l) + MSE(σ̂²_l, σ²_l)] on layers concatenated along the last dimension.
+
+    `weights` holds 1/(C_l·L) for every channel of layer l, so one weighted sum is the mean of per-layer MSEs;
+    per-sample statistics (N, ΣC) are averaged over the images as well.
+    """
+    error = (mean - target_mean).square() + (_spread(var, use_std) - _spread(target_var, use_std)).square()
+    return (error * weights).sum(-1).mean()
 
 
 def input_stats_loss(x: torch.Tensor) -> torch.Tensor:
@@ -69,15 +66,8 @@ def marginal_distance_loss(
 
 
 def distorted_targets(
-    means: list[torch.Tensor],
-    variances: list[torch.Tensor],
-    mean_std: float,
-    var_std: float,
-    generator: torch.Generator | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    mean: torch.Tensor, var: torch.Tensor, mean_std: float, var_std: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """FDDA's BNS-distorted targets μ_c + N(0, a²), σ²_c + N(0, b²) (variance kept ≥ 0), re-drawn on every call."""
-    out_m, out_v = [], []
-    for m, v in zip(means, variances, strict=True):
-        out_m.append(m + mean_std * torch.randn(m.shape, generator=generator, device=m.device))
-        out_v.append((v + var_std * torch.randn(v.shape, generator=generator, device=v.device)).clamp_min(0))
-    return out_m, out_v
+    noise = torch.randn((2, *mean.shape), generator=generator, device=mean.device)
+    return mean + mean_std * noise[0], (var + var_std * noise[1]).clamp_min(0)

@@ -48,11 +48,11 @@ class SynthBatch:
 
 @dataclass
 class ClassStatistics:
-    """Per-class BN input statistics measured on real images (FDDA's "BNS centres"), for the deep BN layers."""
+    """Per-class BN input statistics measured on real images (FDDA's "BNS centres"), deep BN layers concatenated."""
 
     classes: list[int]
-    means: dict[int, list[torch.Tensor]]
-    variances: dict[int, list[torch.Tensor]]
+    means: dict[int, torch.Tensor]
+    variances: dict[int, torch.Tensor]
 
 
 @contextmanager
@@ -88,7 +88,11 @@ class Synthesizer:
                 f"{type(model).__name__} has no BatchNorm layers, which methods {BN_METHODS} need; "
                 "calibrate on real images with --calib-data DIR instead"
             )
-        self.target_means, self.target_vars = self.stats.running()
+        self.target_mean, self.target_var = self.stats.running()
+        self.weights = self.stats.layer_weights().to(self.device)
+        deep = self.stats.deep_start()
+        self.deep_offset = self.stats.offsets[deep]
+        self.deep_weights = self.stats.layer_weights(deep).to(self.device)
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
         if self.num_classes < 1:
             raise SynthError("the model has no classification head (num_classes); zero-shot synthesis needs one")
@@ -126,10 +130,10 @@ class Synthesizer:
             if self.tap is not None:
                 stack.enter_context(self.tap)
             logits = self.model(x)
-        means, variances = self.stats.means, self.stats.vars
+        mean, var = self.stats.moments()
         parts: dict[str, torch.Tensor] = {}
         if cfg.w_bns:
-            parts["bns"] = cfg.w_bns * bns_loss(means, variances, self.target_means, self.target_vars, cfg.use_std)
+            parts["bns"] = cfg.w_bns * bns_loss(mean, var, self.target_mean, self.target_var, self.weights, cfg.use_std)
         if cfg.w_input:
             parts["input"] = cfg.w_input * input_stats_loss(x)
         if cfg.w_sil:
@@ -142,12 +146,11 @@ class Synthesizer:
         if cfg.w_ce:
             parts["ce"] = cfg.w_ce * F.cross_entropy(logits.float(), labels)
         if cfg.method is SynthMethod.FDDA:
-            deep = self.stats.deep_indices()
             cm, cv = self.class_stats.means[label], self.class_stats.variances[label]
             dm, dv = distorted_targets(cm, cv, cfg.fdda_mean_std, cfg.fdda_var_std, g)
-            sel_m, sel_v = [means[i] for i in deep], [variances[i] for i in deep]
-            parts["fdda_central"] = cfg.w_fdda_central * bns_loss(sel_m, sel_v, cm, cv, cfg.use_std)
-            parts["fdda_distorted"] = cfg.w_fdda_distorted * bns_loss(sel_m, sel_v, dm, dv, cfg.use_std)
+            deep_m, deep_v, w = mean[..., self.deep_offset :], var[..., self.deep_offset :], self.deep_weights
+            parts["fdda_central"] = cfg.w_fdda_central * bns_loss(deep_m, deep_v, cm, cv, w, cfg.use_std)
+            parts["fdda_distorted"] = cfg.w_fdda_distorted * bns_loss(deep_m, deep_v, dm, dv, w, cfg.use_std)
         parts["total"] = sum(parts.values())
         return parts
 
@@ -218,14 +221,12 @@ def class_statistics(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     with stats:
         logits = model(images)
     labels = logits.argmax(1) if labels is None else labels
-    deep = stats.deep_indices()
+    mean, var = stats.moments()  # (N, ΣC): per image
+    start = stats.offsets[stats.deep_start()]
+    mean, var = mean[:, start:], var[:, start:]
     result = ClassStatistics(sorted(set(labels.tolist())), {}, {})
     for c in result.classes:
-        mask = labels == c
-        result.means[c], result.variances[c] = [], []
-        for i in deep:
-            m, v = stats.means[i][mask], stats.vars[i][mask]
-            mean = m.mean(0)
-            result.means[c].append(mean)
-            result.variances[c].append((v + m.pow(2)).mean(0) - mean.pow(2))
+        m, v = mean[labels == c], var[labels == c]
+        result.means[c] = m.mean(0)
+        result.variances[c] = (v + m.pow(2)).mean(0) - result.means[c].pow(2)
     return result
