@@ -7,7 +7,7 @@ random noise, and on real images, judged on real data.
 lite0: tf_efficientnet_lite0 (real ImageNet weights), W8A8, 256 calibration images per source; judged by top-1
 agreement, KL(FP‖Q) and logit SQNR against FP on the 66 sample photos.
 fmnist: a timm ResNet-18 trained on Fashion-MNIST (`fashion_mnist.py train`, run first if its weights are missing);
-W8A8 and W4A8; 256 images per source (real: training images); judged by top-1 on the 10k test set.
+W8A8, W4A8 and W8A4; 256 images per source (real: training images); judged by top-1 on the 10k test set.
 FDDA uses a few real images (lite0: the 11 sample photos; fmnist: one training image per class) and, as the method
 prescribes, calibrates on them together with its synthetic images. Writes JSON to benchmarks/results/.
 """
@@ -66,12 +66,12 @@ def judge(qmodel, model, x, y, device, batch: int = 500) -> dict:
     return sums.summary()
 
 
-def sources(model, size, real_calib, real_fdda, fdda_labels, device, iters_scale, batch):
+def sources(model, size, real_calib, real_fdda, fdda_labels, device, iters_scale, batch, methods=METHODS):
     """Calibration sets: real, noise, and each synthesis method (FDDA joined by its real images)."""
     num = real_calib.shape[0]
     out = {"real": (real_calib, {}), "noise": (torch.randn(num, *size), {})}
     stats = class_statistics(model, real_fdda.to(device), None if fdda_labels is None else fdda_labels.to(device))
-    for method in METHODS:
+    for method in methods:
         images, info = synthetic(model, size, method, num, batch, device, iters_scale, stats)
         if method == "fdda":
             images = torch.cat([images, real_fdda])
@@ -80,7 +80,7 @@ def sources(model, size, real_calib, real_fdda, fdda_labels, device, iters_scale
     return out
 
 
-def run_lite0(device, iters_scale, batch):
+def run_lite0(device, iters_scale, batch, methods):
     model, data_config = load_model("tf_efficientnet_lite0", device=device)
     size = tuple(data_config["input_size"])
     photos = ImageFolder(ROOT / "data" / "samples", data_config)
@@ -88,7 +88,7 @@ def run_lite0(device, iters_scale, batch):
     full = torch.stack([photos[i][0] for i, p in enumerate(photos.images) if p.stem.endswith("_full")])
     real = x[torch.arange(256) % len(x)]  # the 66 photos, repeated to 256
     rows = []
-    for name, (calib, info) in sources(model, size, real, full, None, device, iters_scale, batch).items():
+    for name, (calib, info) in sources(model, size, real, full, None, device, iters_scale, batch, methods).items():
         summary = judge(quantized(model, calib, 8, 8, device), model, x, None, device)
         rows.append({"source": name, "w_bits": 8, "a_bits": 8, **summary, **info})
         print(
@@ -99,7 +99,7 @@ def run_lite0(device, iters_scale, batch):
     return {"model": "tf_efficientnet_lite0", "judged_on": "data/samples (66 photos)", "rows": rows}
 
 
-def run_fmnist(device, iters_scale, batch):
+def run_fmnist(device, iters_scale, batch, methods):
     import fashion_mnist as fm
 
     path = fm.weights_path("resnet18")
@@ -135,10 +135,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters-scale", type=float, default=1.0, help="Multiply each method's published iterations.")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    result = (run_lite0 if args.which == "lite0" else run_fmnist)(args.device, args.iters_scale, args.batch)
+    methods = tuple(args.methods.split(","))
+    result = (run_lite0 if args.which == "lite0" else run_fmnist)(args.device, args.iters_scale, args.batch, methods)
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     result.update(device=device_name, iters_scale=args.iters_scale, batch=args.batch, torch=torch.__version__)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"synth_quality_{args.which}.json"
