@@ -25,6 +25,10 @@ class ChannelSums(torch.autograd.Function):
         n, c = x.shape[:2]
         flat = x.reshape(n, c, -1)
         ctx.save_for_backward(x)
+        if x.is_cuda:  # one fused Welford pass; the batched dot product is the faster route on the CPU
+            var, mean = torch.var_mean(flat, dim=-1, unbiased=False)
+            hw = flat.shape[-1]
+            return mean * hw, (var + mean * mean) * hw
         return flat.sum(-1), (flat.unsqueeze(-2) @ flat.unsqueeze(-1)).view(n, c)
 
     @staticmethod
