@@ -42,14 +42,14 @@ def fail(message: str) -> None:
 
 
 @contextmanager
-def user_errors():
+def user_errors(on_interrupt: str = "nothing was written to the output folder"):
     """Turn the library's input errors into a one-line message and a non-zero exit."""
     try:
         yield
     except USER_ERRORS as e:
         fail(str(e))
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]: nothing was written to the output folder")
+        err_console.print(f"[yellow]interrupted[/]: {on_interrupt}")
         raise typer.Exit(code=130) from None
 
 
@@ -152,9 +152,9 @@ def quantize(
         Path | None, typer.Option("--calib-data", help="Folder of calibration images (read recursively).")
     ] = None,
     eval_data: Annotated[
-        Path | None, typer.Option("--eval-data", help="Images for the FP-vs-quantized report [default: --calib-data].")
+        Path | None, typer.Option("--eval-data", help="Images for the FP-vs-quantized report (default: --calib-data).")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: runs/MODEL-wWaA].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/MODEL-wWaA).")] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Local weights (.safetensors or .pth) instead of timm's pretrained ones.")
     ] = None,
@@ -170,7 +170,7 @@ def quantize(
     synth_data: Annotated[
         Path | None, typer.Option("--synth-data", help="Reuse (or make, resumably) the synthetic set in this folder.")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N [default: cuda if available].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out folder.")] = False,
 ) -> None:
     """Quantize a pretrained timm model and write a packed low-bit checkpoint with a fidelity report."""
@@ -180,7 +180,7 @@ def quantize(
         fail("no calibration data: pass --calib-data DIR (a folder of images), or --zero-shot to synthesize it")
     if not zero_shot and (synth_method or num_images or synth_data):
         fail("--synth-method, --num-images and --synth-data apply to --zero-shot runs only")
-    with user_errors():
+    with user_errors("nothing was written to --out; a synthetic set keeps its finished batches for a rerun"):
         flags = _bit_flags(bits, w_bits, a_bits) | {"synth.method": synth_method, "synth.num_images": num_images}
         resolved = _resolve_recipe(recipe, overrides, flags)
         q = resolved.quant
@@ -198,11 +198,11 @@ def synthesize(
     model: Annotated[str, typer.Argument(help="timm model name (a CNN with BatchNorm layers).")],
     out: Annotated[Path, typer.Option(help="Folder for the shards, synth.json and preview.png (resumable).")],
     method: Annotated[
-        str | None, typer.Option(help=f"{', '.join(m.value for m in SynthMethod)} [default: the recipe's, intraq].")
+        str | None, typer.Option(help=f"{', '.join(m.value for m in SynthMethod)} (default: the recipe's, intraq).")
     ] = None,
     num_images: Annotated[int | None, typer.Option("--num-images", min=1, help="Images to synthesize.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per batch.")] = None,
-    iters: Annotated[int | None, typer.Option(min=1, help="Iterations per batch [default: the method's].")] = None,
+    iters: Annotated[int | None, typer.Option(min=1, help="Iterations per batch (default: the method's).")] = None,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class indices to draw labels from.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (the set is a function of it).")] = None,
     calib_data: Annotated[
@@ -211,7 +211,7 @@ def synthesize(
     checkpoint: Annotated[Path | None, typer.Option(help="Local weights (.safetensors or .pth).")] = None,
     recipe: Annotated[str, typer.Option(help="Recipe name or YAML file (its synth section).")] = "rtn",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N [default: cuda if available].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a set made with other settings in --out.")] = False,
 ) -> None:
     """Synthesize calibration images from a pretrained model's BatchNorm statistics (rerun to resume)."""
@@ -228,7 +228,7 @@ def synthesize(
         "synth.classes": _classes(classes),
         "synth.seed": seed,
     }
-    with user_errors():
+    with user_errors("finished batches are kept; rerun the same command to resume"):
         resolved = _resolve_recipe(recipe, overrides, flags)
         dev = check_device(device)
         fp_model, data_config = load_model(model, checkpoint=checkpoint, device=dev)
@@ -284,7 +284,7 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Write one row per model to a .csv or .json file.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (halved on out-of-memory).")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="Data-loading worker processes.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N [default: cuda if available].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Evaluate FP models and quantized outputs side by side (top-1/5 with labels; agreement, KL, SQNR vs FP)."""

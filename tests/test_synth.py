@@ -246,3 +246,9 @@ def test_fused_channel_sums_have_the_right_gradient():
     s1, s2 = ChannelSums.apply(x)
     assert torch.allclose(s1, x.sum((2, 3))) and torch.allclose(s2, x.square().sum((2, 3)))
     assert torch.autograd.gradcheck(ChannelSums.apply, (x,))
+
+
+def test_refused_synthesis_creates_no_folder(digits_model, tmp_path):
+    with pytest.raises(SynthError):
+        synthesize(digits_model, "test_resnet", DATA_CONFIG, SynthConfig(method="fdda"), tmp_path / "never")
+    assert not (tmp_path / "never").exists()

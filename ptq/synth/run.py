@@ -53,12 +53,11 @@ def check_synth_dir(out: Path, fp: str, overwrite: bool) -> None:
     """Fail before any work if `out` cannot be written or holds a set made with other settings."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; choose a folder path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create --out {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"--out {out} is not writable; choose a writable folder")
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OutputError(f"--out {out} cannot be created or written ({existing} is not a writable folder)")
+    if not out.is_dir():
+        return  # nothing there yet: created when the first shard is written
     meta = out / META_FILE
     foreign = []
     if meta.is_file():
@@ -94,6 +93,7 @@ def synthesize(
     fp = fingerprint(model_name, data_config, config)
     check_synth_dir(out, fp, overwrite)
     synth = Synthesizer(model, tuple(data_config["input_size"]), config, device, class_stats)
+    out.mkdir(parents=True, exist_ok=True)
     sizes = batch_sizes(config.num_images, config.batch_size)
     total_iters = len(sizes) * config.iters
     losses: list[dict[str, float]] = []
