@@ -115,56 +115,17 @@ class CalibConfig:
             raise ConfigError(f"calib.workers must be ≥ 0, got {self.workers}")
 
 
-# Published defaults per method; a recipe or --set value overrides any of them (None means "take the preset").
+# Published defaults per method, as differences from plain BN-statistic matching; a recipe or --set value
+# overrides any of them (None in SynthConfig means "take the preset").
+_PLAIN_BNS: dict[str, Any] = dict(
+    w_bns=1.0, w_input=0.0, w_sil=0.0, w_mdc=0.0, w_ce=0.0, lor_prob=0.0, use_std=False, per_sample_stats=False,
+    swing=False,
+)  # fmt: skip
 SYNTH_PRESETS: dict[SynthMethod, dict[str, Any]] = {
-    SynthMethod.BNS: dict(
-        iters=500,
-        w_bns=1.0,
-        w_input=0.0,
-        w_sil=0.0,
-        w_mdc=0.0,
-        w_ce=0.0,
-        lor_prob=0.0,
-        use_std=False,
-        per_sample_stats=False,
-        swing=False,
-    ),
-    SynthMethod.INTRAQ: dict(
-        iters=1000,
-        w_bns=1.0,
-        w_input=0.0,
-        w_sil=1.0,
-        w_mdc=1.0,
-        w_ce=0.0,
-        lor_prob=0.5,
-        use_std=False,
-        per_sample_stats=False,
-        swing=False,
-    ),
-    SynthMethod.FDDA: dict(
-        iters=500,
-        w_bns=0.2,
-        w_input=0.0,
-        w_sil=0.0,
-        w_mdc=0.0,
-        w_ce=0.5,
-        lor_prob=0.0,
-        use_std=False,
-        per_sample_stats=False,
-        swing=False,
-    ),
-    SynthMethod.GENIE: dict(
-        iters=4000,
-        w_bns=1.0,
-        w_input=0.0,
-        w_sil=0.0,
-        w_mdc=0.0,
-        w_ce=0.0,
-        lor_prob=0.0,
-        use_std=True,
-        per_sample_stats=False,
-        swing=True,
-    ),
+    SynthMethod.BNS: _PLAIN_BNS | dict(iters=500),
+    SynthMethod.INTRAQ: _PLAIN_BNS | dict(iters=1000, w_sil=1.0, w_mdc=1.0, lor_prob=0.5),
+    SynthMethod.FDDA: _PLAIN_BNS | dict(iters=500, w_bns=0.2, w_ce=0.5),
+    SynthMethod.GENIE: _PLAIN_BNS | dict(iters=4000, use_std=True, swing=True),
 }
 
 
