@@ -32,7 +32,7 @@ from ptq.quant.modules import ActQuantizer, OutputQuant, QuantLayer, act_quantiz
 HIGH_BITS = 8
 
 
-def _timm_classes(module: str, names: tuple[str, ...]) -> tuple[type, ...]:
+def timm_classes(module: str, names: tuple[str, ...]) -> tuple[type, ...]:
     import importlib
 
     try:
@@ -56,17 +56,17 @@ NONLINEARITIES = (
         nn.SELU,
         nn.PReLU,
     )
-    + _timm_classes(
+    + timm_classes(
         "timm.layers.activations", ("Swish", "Mish", "HardSwish", "HardMish", "GELU", "GELUTanh", "QuickGELU", "PReLU")
     )
-    + _timm_classes("timm.layers.activations_me", ("SwishMe", "MishMe", "HardSwishMe", "HardMishMe"))
+    + timm_classes("timm.layers.activations_me", ("SwishMe", "MishMe", "HardSwishMe", "HardMishMe"))
 )
 
-SQUEEZE_EXCITE = _timm_classes("timm.layers.squeeze_excite", ("SEModule", "EffectiveSEModule", "SqueezeExcite")) + (
-    _timm_classes("timm.models._efficientnet_blocks", ("SqueezeExcite",))
+SQUEEZE_EXCITE = timm_classes("timm.layers.squeeze_excite", ("SEModule", "EffectiveSEModule", "SqueezeExcite")) + (
+    timm_classes("timm.models._efficientnet_blocks", ("SqueezeExcite",))
 )
 
-GRID_PRESERVING = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.Flatten, nn.ReLU) + _timm_classes(
+GRID_PRESERVING = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.Flatten, nn.ReLU) + timm_classes(
     "timm.layers", ("DropPath",)
 )
 
