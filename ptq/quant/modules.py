@@ -53,14 +53,24 @@ class WeightQuantizer(Quantizer):
 
 
 class ActQuantizer(Quantizer):
+    """Per-tensor activation quantizer. `keep_prob` p (QDrop, arXiv 2203.05740, reconstruction only): each element
+    keeps its quantized value with probability p and passes its FP value otherwise; None (always quantized) at
+    inference, where p = 1 is the same."""
+
     def __init__(self, bits: int):
         super().__init__(bits, channels=1)
         self.observer: Observer | None = None
+        self.keep_prob: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer.observe(x)
-        return self.quantize(x) if self.enabled else x
+        if not self.enabled:
+            return x
+        xq = self.quantize(x)
+        if self.keep_prob is not None and self.keep_prob < 1:
+            return torch.where(torch.rand_like(x) < self.keep_prob, xq, x)
+        return xq
 
 
 class QuantLayer(nn.Module):
