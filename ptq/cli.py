@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ptq._io import OutputError, write_text
-from ptq.config import ConfigError, SynthMethod, check_bits, load_recipe, recipe_names
+from ptq.config import ConfigError, Method, SynthMethod, check_bits, load_recipe, recipe_names
 from ptq.data import DataError
 from ptq.export.checkpoint import CheckpointError
 from ptq.models import ModelLoadError
@@ -162,6 +162,9 @@ def quantize(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a recipe value, e.g. --set quant.a_observer=minmax.")
     ] = None,
+    method: Annotated[
+        str | None, typer.Option(help=f"Rounding: {', '.join(m.value for m in Method)} (default: the recipe's).")
+    ] = None,
     zero_shot: Annotated[
         bool, typer.Option("--zero-shot", help="Calibrate on images synthesized from the model's BN statistics.")
     ] = False,
@@ -181,7 +184,11 @@ def quantize(
     if not zero_shot and (synth_method or num_images or synth_data):
         fail("--synth-method, --num-images and --synth-data apply to --zero-shot runs only")
     with user_errors("nothing was written to --out; a synthetic set keeps its finished batches for a rerun"):
-        flags = _bit_flags(bits, w_bits, a_bits) | {"synth.method": synth_method, "synth.num_images": num_images}
+        flags = _bit_flags(bits, w_bits, a_bits) | {
+            "method": method,
+            "synth.method": synth_method,
+            "synth.num_images": num_images,
+        }
         resolved = _resolve_recipe(recipe, overrides, flags)
         q = resolved.quant
         out = out or Path("runs") / f"{model}-w{q.w_bits}a{q.a_bits}"
@@ -262,7 +269,7 @@ def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
     table.add_row("FP32 weights (MB)", _fmt(size["fp32_bytes"] / 1e6))
     table.add_row("packed checkpoint (MB)", _fmt(size["checkpoint_bytes"] / 1e6))
     table.add_row("size ratio", _fmt(size["ratio"], 3))
-    stages = [k for k in ("load", "synthesize", "calibrate", "evaluate") if k in report["timings_s"]]
+    stages = [k for k in ("load", "synthesize", "calibrate", "reconstruct", "evaluate") if k in report["timings_s"]]
     table.add_row(f"time: {' / '.join(stages)} (s)", " / ".join(_fmt(report["timings_s"][k]) for k in stages))
     console.print(table)
     if ev is None:
@@ -270,7 +277,7 @@ def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
     if report["method"] == "rtn" and report["w_bits"] < 8:
         console.print(
             "note: round-to-nearest below 8-bit weights loses much accuracy on most networks; "
-            "block reconstruction (AdaRound/BRECQ/QDrop) is what recovers it and is not available yet"
+            "reconstruction recovers it: --method qdrop (or adaround, brecq)"
         )
     console.print(f"wrote {out}/ (model.safetensors, quant_config.json, recipe.yaml, report.json)")
 

@@ -47,7 +47,12 @@ class WeightGranularity(str, Enum):
 
 
 class Method(str, Enum):
-    RTN = "rtn"
+    """How weights are rounded after calibration (ALGORITHMS.md §2)."""
+
+    RTN = "rtn"  # round to nearest
+    ADAROUND = "adaround"  # learned rounding, layer by layer
+    BRECQ = "brecq"  # learned rounding, block by block
+    QDROP = "qdrop"  # learned rounding, block by block, with activation-quantization dropping
 
 
 class SynthMethod(str, Enum):
@@ -197,11 +202,37 @@ class SynthConfig:
 
 
 @dataclass
+class ReconConfig:
+    """Reconstruction settings (published defaults: 20k iterations per unit, batch 32, Adam lr 1e-3, λ 0.01)."""
+
+    iters: int = 20000
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_weight: float = 0.01  # λ of the rounding regulariser (0.1 is published for MobileNetV2-like networks)
+    keep_prob: float | None = None  # QDrop's probability of keeping the quantized value (None: 0.5 for qdrop, else 1)
+    cache: str = "cpu"  # where unit inputs/targets are kept: cpu or device
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("iters", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"recon.{name} must be an integer ≥ 1, got {value!r}")
+        if not self.lr > 0 or not self.reg_weight >= 0:
+            raise ConfigError(f"recon.lr must be > 0 and recon.reg_weight ≥ 0, got {self.lr}, {self.reg_weight}")
+        if self.keep_prob is not None and not 0 <= self.keep_prob <= 1:
+            raise ConfigError(f"recon.keep_prob must be in [0, 1], got {self.keep_prob!r}")
+        if self.cache not in ("cpu", "device"):
+            raise ConfigError(f"recon.cache must be one of: cpu, device (got {self.cache!r})")
+
+
+@dataclass
 class Recipe:
     method: Method = Method.RTN
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
 
     def __post_init__(self):
         coerce_enums(self)

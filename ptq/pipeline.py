@@ -8,6 +8,7 @@ when complete, so an interrupted run leaves no half-written `OUT`.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,13 +20,14 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 from ptq._io import check_output_dir, staged_dir, write_json, write_text
-from ptq.config import Recipe, SynthMethod, dump_recipe
+from ptq.config import Method, Recipe, SynthMethod, dump_recipe
 from ptq.data import DataError, ImageFolder, calibration_set, image_batches, make_loader
 from ptq.eval.harness import run_metrics
 from ptq.export.checkpoint import WEIGHTS_FILE, fp32_weight_bytes, save_quantized
 from ptq.models import cache_dir, load_model
 from ptq.quant import calibrate, prepare
 from ptq.quant.prepare import layer_bits
+from ptq.recon.run import reconstruct
 from ptq.synth import SynthError, SyntheticSet, class_statistics, synthesize
 from ptq.synth.run import fingerprint as synth_fingerprint
 from ptq.synth.shards import META_FILE
@@ -91,7 +93,8 @@ def quantize(
     zero_shot: bool = False,
     synth_data: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Round-to-nearest PTQ of a timm model, calibrated on real images or (zero-shot) on synthesized ones."""
+    """PTQ of a timm model calibrated on real images or (zero-shot) on synthesized ones: round-to-nearest, then, for
+    adaround/brecq/qdrop, reconstruction of every unit (resumable from `.OUT.recon/`)."""
     check_output_dir(out, overwrite)  # fail before any work
     if not zero_shot and calib_data is None:
         raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
@@ -116,6 +119,12 @@ def quantize(
     with _timed(timings, "calibrate"):
         loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
         calibrate(qmodel, _counted(image_batches(loader, device), len(loader)), q, progress)
+    recon_summary = None
+    work_dir = Path(out).parent / f".{Path(out).name}.recon"  # per-unit checkpoints: a rerun resumes
+    if recipe.method is not Method.RTN:
+        with _timed(timings, "reconstruct"):
+            batches = list(image_batches(loader, device))
+            recon_summary = reconstruct(qmodel, batches, recipe.method, recipe.recon, work_dir, progress)
     report: dict[str, Any] = {
         "model": model_name,
         "weights": getattr(fp_model, "ptq_weights_source", None),
@@ -128,6 +137,7 @@ def quantize(
             "images": len(calib),
             "synthetic": synth_meta,
         },
+        "reconstruction": recon_summary,
         "evaluation": None,
         "fp_evaluation": None,
         "device": str(device),
@@ -149,6 +159,7 @@ def quantize(
         write_text(stage / "recipe.yaml", dump_recipe(recipe))
         write_json(stage / "report.json", report)
     report["timings_s"] = timings
+    shutil.rmtree(work_dir, ignore_errors=True)  # the output is complete: checkpoints of units are no longer needed
     return report
 
 

@@ -228,3 +228,16 @@ def test_quantized_output_whose_parent_is_gone_still_reports_what_it_can(tmp_pat
     header, row = table.read_text().splitlines()[:2]
     assert header.startswith("model,kind,top1,top5,agreement,kl,sqnr_db,images,seconds,error")
     assert ",6," in row  # six images were still evaluated
+
+
+def test_quantize_with_reconstruction_resumes_and_cleans_up(tmp_path, checkpoint, few_photos):
+    out = tmp_path / "q"
+    args = ["test_resnet", "--checkpoint", checkpoint, "--bits", 4, "--calib-data", few_photos, "--out", out,
+            "--method", "qdrop", "--set", "recon.iters=5", "--device", "cpu"]  # fmt: skip
+    result = _quantize(*args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "qdrop" and report["reconstruction"]["keep_prob"] == 0.5
+    assert report["reconstruction"]["units"] == len(report["reconstruction"]["per_unit"]) > 3
+    assert not (tmp_path / ".q.recon").exists()
+    assert _quantize(*args[:-2], "--method", "magic", "--device", "cpu").exit_code != 0

@@ -1,3 +1,6 @@
+import copy
+
+import pytest
 import torch
 from conftest import accuracy
 
@@ -54,3 +57,54 @@ def test_qdrop_with_keep_probability_one_is_the_plain_quantized_forward(digits_m
             q.keep_prob = 0.0
         fp_acts = qmodel(x)
     assert torch.equal(plain, same) and not torch.equal(plain, fp_acts)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(digits_model, digits, tmp_path, monkeypatch):
+    from ptq.config import Method, ReconConfig
+    from ptq.quant.modules import quant_layers
+    from ptq.recon import engine
+    from ptq.recon.run import reconstruct
+
+    config = ReconConfig(iters=60, batch_size=16, lr=1e-2)
+    whole, batches = _quantized(digits_model, digits, w_bits=3, a_bits=4)
+    resumed = copy.deepcopy(whole)
+    reconstruct(whole, batches, Method.QDROP, config, tmp_path / "a")
+    original = engine.reconstruct_unit
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("ptq.recon.run.reconstruct_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(resumed, batches, Method.QDROP, config, tmp_path / "b")
+    monkeypatch.setattr("ptq.recon.run.reconstruct_unit", original)
+    fresh, _ = _quantized(digits_model, digits, w_bits=3, a_bits=4)  # the rerun starts from the saved state only
+    summary = reconstruct(fresh, batches, Method.QDROP, config, tmp_path / "b")
+    assert sum(1 for u in summary["per_unit"] if u.get("resumed")) == 2
+    for name, layer in quant_layers(whole).items():
+        assert torch.equal(layer.weight, quant_layers(fresh)[name].weight), name
+
+
+def test_nan_in_a_units_loss_is_caught_and_the_unit_keeps_its_last_good_state(digits_model, digits, caplog):
+    qmodel, batches = _quantized(digits_model, digits)
+    unit = next(u for u in find_units(qmodel, batches[0][:1]) if u.kind is UnitKind.BLOCK)
+    data = collect(qmodel, unit, batches)
+    rtn_weights = [qmodel.get_submodule(n).weight.clone() for n in unit.layers]
+    rtn = [
+        fake_quantize(
+            w,
+            channel_view(qmodel.get_submodule(n).weight_quantizer.scale, w.ndim),
+            channel_view(qmodel.get_submodule(n).weight_quantizer.zero_point, w.ndim),
+            qmodel.get_submodule(n).weight_quantizer.bits,
+        )
+        for n, w in zip(unit.layers, rtn_weights, strict=True)
+    ]
+    data.targets[:] = float("nan")
+    result = reconstruct_unit(qmodel, unit, data, iters=120, lr=1e-2)
+    assert result["diverged"] and "NaN" in caplog.text
+    for name, expected in zip(unit.layers, rtn, strict=True):  # diverged at once: the initial state, i.e. RTN
+        assert torch.allclose(qmodel.get_submodule(name).weight, expected, atol=1e-6)

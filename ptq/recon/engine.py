@@ -29,6 +29,9 @@ from ptq.recon.units import Unit
 log = logging.getLogger(__name__)
 
 
+CHECK_EVERY = 50  # iterations between finiteness checks of the loss
+
+
 class _Stop(Exception):
     """Raised by a capture hook to end a forward pass once the unit has run."""
 
@@ -115,30 +118,44 @@ def reconstruct_unit(
     g = torch.Generator(device=data.q_inputs.device).manual_seed(seed)
     opt = torch.optim.Adam([r.v for r in rounders], lr=lr)
     n = len(data.q_inputs)
+    good = [r.v.detach().clone() for r in rounders]  # last state whose loss was finite
+    diverged = False
+    devices = [device.index or 0] if device.type == "cuda" else []
     try:
         for layer, rounder in zip(layers, rounders, strict=True):
             layer.weight_quantizer = rounder
             rounder.enabled = True  # QuantLayer only calls a quantizer that is enabled
         for q in inner:
             q.keep_prob = keep_prob
-        for it in range(iters):
-            idx = torch.randint(n, (min(batch_size, n),), generator=g, device=data.q_inputs.device)
-            x_q, x_fp, target = (t[idx].to(device) for t in (data.q_inputs, data.fp_inputs, data.targets))
-            x = torch.where(torch.rand_like(x_q) < keep_prob, x_q, x_fp) if keep_prob < 1 else x_q
-            rec = reconstruction_loss(module(x), target)
-            beta = beta_at(it, iters)
-            reg = sum(r.regulariser(beta) for r in rounders) if beta is not None else torch.zeros((), device=device)
-            loss = rec + reg_weight * reg
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step is not None:
-                step(it + 1, float(rec) if (it + 1) % 100 == 0 or it + 1 == iters else float("nan"))
+        with torch.random.fork_rng(devices=devices):  # QDrop's masks: reproducible per unit, e.g. on resume
+            torch.manual_seed(seed)
+            for it in range(iters):
+                idx = torch.randint(n, (min(batch_size, n),), generator=g, device=data.q_inputs.device)
+                x_q, x_fp, target = (t[idx].to(device) for t in (data.q_inputs, data.fp_inputs, data.targets))
+                x = torch.where(torch.rand_like(x_q) < keep_prob, x_q, x_fp) if keep_prob < 1 else x_q
+                rec = reconstruction_loss(module(x), target)
+                beta = beta_at(it, iters)
+                reg = sum(r.regulariser(beta) for r in rounders) if beta is not None else 0.0
+                loss = rec + reg_weight * reg
+                if (it + 1) % CHECK_EVERY == 0 or it + 1 == iters or it == 0:  # one host sync per check
+                    if not torch.isfinite(loss):
+                        diverged = True
+                        break
+                    good = [r.v.detach().clone() for r in rounders]
+                    if step is not None:
+                        step(it + 1, float(rec.detach()))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     finally:
         for q in inner:
             q.keep_prob = None
         with torch.no_grad():
-            for layer, rounder, original in zip(layers, rounders, originals, strict=True):
+            for layer, rounder, original, v in zip(layers, rounders, originals, good, strict=True):
+                if diverged:
+                    rounder.v.copy_(v)
                 layer.layer.weight.copy_(rounder.hard_weight())
                 layer.weight_quantizer = original
-    return {"reconstruction_error": unit_error(model, unit, data)}
+    if diverged:
+        log.warning("unit %s: loss became NaN/inf; kept its last good state and went on", unit.name)
+    return {"reconstruction_error": unit_error(model, unit, data), "diverged": diverged}

@@ -44,14 +44,16 @@ def is_block(module: nn.Module) -> bool:
     return isinstance(inner, BLOCK_CLASSES) or getattr(inner, "has_skip", None) is not None
 
 
-def find_units(model: nn.Module, example: torch.Tensor | None = None) -> list[Unit]:
-    """The reconstruction units of a model made by `prepare`, in execution order."""
+def find_units(model: nn.Module, example: torch.Tensor | None = None, layerwise: bool = False) -> list[Unit]:
+    """The reconstruction units of a model made by `prepare`, in execution order (every layer alone if `layerwise`)."""
     units: list[Unit] = []
     claimed: set[str] = set()
     for name, module in model.named_modules():
         if not name or any(name == c or name.startswith(c + ".") for c in claimed):
             continue
-        if is_block(module):  # an OutputQuant-wrapped block comes before its inner module, which is then claimed
+        if (
+            is_block(module) and not layerwise
+        ):  # an OutputQuant-wrapped block comes before its inner module, which is then claimed
             layers = [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, QuantLayer)]
             if layers:
                 units.append(Unit(name, UnitKind.BLOCK, layers))
