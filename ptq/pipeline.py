@@ -118,12 +118,14 @@ def quantize(
         qmodel = prepare(fp_model, q, example)
     with _timed(timings, "calibrate"):
         loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
-        calibrate(qmodel, _counted(image_batches(loader, device), len(loader)), q, progress)
+        batches = _counted(image_batches(loader, device), len(loader))
+        if recipe.method is not Method.RTN:
+            batches = list(batches)  # reconstruction reuses them: load and preprocess the images once
+        calibrate(qmodel, batches, q, progress)
     recon_summary = None
     work_dir = Path(out).parent / f".{Path(out).name}.recon"  # per-unit checkpoints: a rerun resumes
     if recipe.method is not Method.RTN:
         with _timed(timings, "reconstruct"):
-            batches = list(image_batches(loader, device))
             recon_summary = reconstruct(qmodel, batches, recipe.method, recipe.recon, work_dir, progress)
     report: dict[str, Any] = {
         "model": model_name,
