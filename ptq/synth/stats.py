@@ -1,8 +1,9 @@
 """BatchNorm-statistic capture: forward pre-hooks on every BatchNorm input of any timm CNN.
 
-For a batch x and BN layer l the hook computes, in one fused pass, the per-channel mean and biased variance of the
-layer's input over (N, H, W) (per-batch) or over (H, W) for each image (per-sample, as ZeroQ). Only these reduced
-statistics are kept — never the activations — and nothing moves between host and device.
+For a batch x and BN layer l the hook reduces the layer's input to per-image, per-channel Σx and Σx²; `moments()` turns
+all layers at once into the mean and biased variance over (N, H, W) (per-batch) or over (H, W) for each image
+(per-sample, as ZeroQ). Only these reduced statistics are kept — never the activations — and nothing moves between
+host and device.
 """
 
 from __future__ import annotations
