@@ -55,7 +55,7 @@ def user_errors(on_interrupt: str = "nothing was written to the output folder"):
 
 @contextmanager
 def progress_bars():
-    """A rich progress display and the `progress(label, done, total)` callback that feeds it."""
+    """A rich progress display and the `progress(label, done, total, note=None)` callback that feeds it."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -63,14 +63,15 @@ def progress_bars():
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
     )
     with Progress(*columns, console=err_console, transient=False) as bars:
         tasks: dict[str, Any] = {}
 
-        def update(label: str, done: int, total: int | None) -> None:
+        def update(label: str, done: int, total: int | None, note: str | None = None) -> None:
             if label not in tasks:
-                tasks[label] = bars.add_task(label, total=total)
-            bars.update(tasks[label], completed=done, total=total)
+                tasks[label] = bars.add_task(label, total=total, note="")
+            bars.update(tasks[label], completed=done, total=total, **({"note": note} if note is not None else {}))
 
         yield update
 

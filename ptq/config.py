@@ -72,8 +72,11 @@ def check_bits(bits: int, what: str) -> None:
 def coerce_enums(obj) -> None:
     """Let Python callers pass enum values as plain strings; reject unknown ones naming the allowed set."""
     for name, tp in typing.get_type_hints(type(obj)).items():
-        if isinstance(tp, type) and issubclass(tp, Enum) and not isinstance(getattr(obj, name), tp):
-            setattr(obj, name, coerce_value(tp, getattr(obj, name), name))
+        value = getattr(obj, name)
+        if isinstance(tp, types.UnionType) and value is not None:  # an optional enum: `Kind | None`
+            tp = next((t for t in typing.get_args(tp) if isinstance(t, type) and issubclass(t, Enum)), None)
+        if isinstance(tp, type) and issubclass(tp, Enum) and not isinstance(value, tp):
+            setattr(obj, name, coerce_value(tp, value, name))
 
 
 @dataclass
@@ -201,29 +204,61 @@ class SynthConfig:
             raise ConfigError(f"synth.classes must be a non-empty list of class indices, got {self.classes!r}")
 
 
+class ActSteps(str, Enum):
+    """How activation step sizes are treated during reconstruction (ALGORITHMS.md §2)."""
+
+    FIXED = "fixed"  # kept from calibration (AdaRound)
+    JOINT = "joint"  # learned with the rounding (QDrop: LSQ, Adam lr 4e-5, cosine)
+    SECOND_PASS = "second_pass"  # learned after the rounding of the unit is fixed (BRECQ: lr 4e-4, p = 2.4 loss)
+
+
+class CacheDtype(str, Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
 @dataclass
 class ReconConfig:
-    """Reconstruction settings (published defaults: 20k iterations per unit, batch 32, Adam lr 1e-3, λ 0.01)."""
+    """Reconstruction settings (published defaults: 20k iterations per unit, batch 32, Adam lr 1e-3, λ 0.01).
+
+    Values left None take the method's published default: `keep_prob` 0.5 for qdrop, else 1; `act_steps` joint
+    for qdrop, second_pass for brecq, fixed for adaround; `act_lr` 4e-5 (joint) or 4e-4 (second pass);
+    `act_iters` (second pass) a quarter of `iters` (5,000 for 20,000)."""
 
     iters: int = 20000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam on the rounding variables
     reg_weight: float = 0.01  # λ of the rounding regulariser (0.1 is published for MobileNetV2-like networks)
-    keep_prob: float | None = None  # QDrop's probability of keeping the quantized value (None: 0.5 for qdrop, else 1)
-    cache: str = "cpu"  # where unit inputs/targets are kept: cpu or device
+    keep_prob: float | None = None  # QDrop's probability of keeping the quantized value
+    act_steps: ActSteps | None = None
+    act_lr: float | None = None
+    act_iters: int | None = None
+    learn_weight_scale: bool = False  # Genie-M: learn the weight scale jointly with the rounding
+    weight_scale_lr: float = 1e-4
+    fisher: bool = False  # weight the loss by the squared gradient of the task loss (FP model's own labels)
+    cache: str = "auto"  # where unit inputs/targets are kept: auto (device if it fits), cpu or device
+    cache_dtype: CacheDtype = CacheDtype.FLOAT32
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("iters", "batch_size"):
+        coerce_enums(self)
+        for name in ("iters", "batch_size", "act_iters"):
             value = getattr(self, name)
+            if value is None and name == "act_iters":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"recon.{name} must be an integer ≥ 1, got {value!r}")
-        if not self.lr > 0 or not self.reg_weight >= 0:
-            raise ConfigError(f"recon.lr must be > 0 and recon.reg_weight ≥ 0, got {self.lr}, {self.reg_weight}")
+        for name in ("lr", "act_lr", "weight_scale_lr"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"recon.{name} must be > 0, got {value!r}")
+        if not self.reg_weight >= 0:
+            raise ConfigError(f"recon.reg_weight must be ≥ 0, got {self.reg_weight}")
         if self.keep_prob is not None and not 0 <= self.keep_prob <= 1:
             raise ConfigError(f"recon.keep_prob must be in [0, 1], got {self.keep_prob!r}")
-        if self.cache not in ("cpu", "device"):
-            raise ConfigError(f"recon.cache must be one of: cpu, device (got {self.cache!r})")
+        if self.cache not in ("auto", "cpu", "device"):
+            raise ConfigError(f"recon.cache must be one of: auto, cpu, device (got {self.cache!r})")
 
 
 @dataclass

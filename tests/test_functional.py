@@ -55,3 +55,36 @@ def test_sqnr_grows_about_six_db_per_bit():
         s, z = qparams_from_range(x.amin(), x.amax(), bits, False)
         values.append(sqnr_db(x, fake_quantize(x, s, z, bits)))
     assert 10 < values[1] - values[0] < 14 and 10 < values[2] - values[1] < 14
+
+
+def _lsq_reference(x, s, z, bits, keep=None):
+    """LSQ (arXiv 1902.08153) written out with autograd: clipping decided by x/s itself, straight-through inside."""
+    v, qmax = x / s, 2**bits - 1
+    inside = ((v + z) >= 0) & ((v + z) <= qmax)
+    bound = torch.where(v + z < 0, -z, qmax - z)
+    level = torch.where(inside, torch.round(v), bound)
+    vs = torch.where(inside, v, bound)
+    out = ((level - vs).detach() + vs) * s
+    return out if keep is None else torch.where(keep, out, x)
+
+
+@pytest.mark.parametrize("keep_prob", [None, 0.5])
+def test_activation_fake_quantize_matches_lsq_in_values_and_gradients(keep_prob):
+    from ptq.quant.functional import act_fake_quantize
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8, 5, 5) * 3).requires_grad_()
+    s, z = torch.tensor([0.1], requires_grad=True), torch.tensor([7.0])
+    upstream = torch.randn(4, 8, 5, 5)
+    torch.manual_seed(1)
+    keep = torch.rand_like(x) < keep_prob if keep_prob is not None else None
+    ref = _lsq_reference(x, s, z, 4, keep)
+    gx_ref, gs_ref = torch.autograd.grad((ref * upstream).sum(), (x, s))
+    torch.manual_seed(1)  # the same mask inside
+    out = act_fake_quantize(x, s, z, 4, keep_prob, grad_factor=0.5)
+    gx, gs = torch.autograd.grad((out * upstream).sum(), (x, s))
+    assert torch.equal(out, ref)
+    assert torch.allclose(gx, gx_ref) and torch.allclose(gs, 0.5 * gs_ref, rtol=1e-5)
+    with torch.no_grad():  # the inference path gives the same values
+        torch.manual_seed(1)
+        assert torch.equal(act_fake_quantize(x, s, z, 4, keep_prob), ref)

@@ -87,6 +87,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(digits_model, dig
     assert sum(1 for u in summary["per_unit"] if u.get("resumed")) == 2
     for name, layer in quant_layers(whole).items():
         assert torch.equal(layer.weight, quant_layers(fresh)[name].weight), name
+    for name, q in act_quantizers(whole).items():  # qdrop learns the activation steps too: they resume as well
+        assert torch.equal(q.scale, act_quantizers(fresh)[name].scale), name
+    assert any(not torch.equal(q.scale, act_quantizers(resumed)[n].scale) for n, q in act_quantizers(whole).items())
 
 
 def test_nan_in_a_units_loss_is_caught_and_the_unit_keeps_its_last_good_state(digits_model, digits, caplog):
@@ -108,3 +111,101 @@ def test_nan_in_a_units_loss_is_caught_and_the_unit_keeps_its_last_good_state(di
     assert result["diverged"] and "NaN" in caplog.text
     for name, expected in zip(unit.layers, rtn, strict=True):  # diverged at once: the initial state, i.e. RTN
         assert torch.allclose(qmodel.get_submodule(name).weight, expected, atol=1e-6)
+
+
+def _first_block(qmodel, batches):
+    return next(u for u in find_units(qmodel, batches[0][:1]) if u.kind is UnitKind.BLOCK)
+
+
+def _act_scales(qmodel, unit):
+    return {n: q.scale.clone() for n, q in act_quantizers(unit.module(qmodel)).items()}
+
+
+def test_learned_activation_steps_lower_the_error_further_and_stay_buffers(digits_model, digits):
+    from ptq.config import ActSteps
+
+    qmodel, batches = _quantized(digits_model, digits, w_bits=4, a_bits=3)
+    unit = _first_block(qmodel, batches)
+    data = collect(qmodel, unit, batches)
+    fixed_model = copy.deepcopy(qmodel)
+    before = _act_scales(qmodel, unit)
+    common = dict(iters=300, batch_size=32, lr=1e-2, seed=0)
+    fixed = reconstruct_unit(fixed_model, unit, data, **common)
+    joint = reconstruct_unit(qmodel, unit, data, act_steps=ActSteps.JOINT, act_lr=1e-2, **common)
+    after = _act_scales(qmodel, unit)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert joint["reconstruction_error"] < fixed["reconstruction_error"]
+    assert all(not q.scale.requires_grad for q in act_quantizers(qmodel).values())
+    assert "scale" in dict(act_quantizers(qmodel)[next(iter(after))].named_buffers())
+
+
+def test_brecq_second_pass_learns_the_steps_after_the_rounding(digits_model, digits):
+    from ptq.config import ActSteps
+    from ptq.recon.engine import total_iters
+
+    qmodel, batches = _quantized(digits_model, digits, w_bits=4, a_bits=3)
+    unit = _first_block(qmodel, batches)
+    data = collect(qmodel, unit, batches, fp_inputs=False)
+    assert data.fp_inputs is None  # BRECQ does not mix in FP inputs: they are not cached
+    before = _act_scales(qmodel, unit)
+    seen = []
+    settings = dict(iters=200, act_iters=100, lr=1e-2, act_lr=1e-2, act_steps=ActSteps.SECOND_PASS)
+    from ptq.recon.engine import Settings
+
+    assert total_iters(Settings(**settings), unit, qmodel) == 300
+    result = reconstruct_unit(qmodel, unit, data, step=lambda it, rec: seen.append(it), **settings)
+    assert max(seen) == 300 and not result["diverged"]
+    after = _act_scales(qmodel, unit)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_genie_m_learns_the_weight_scale_and_the_weights_stay_on_the_new_grid(digits_model, digits):
+    from ptq.export.packing import pack, unpack
+    from ptq.quant.functional import quantize_codes
+
+    qmodel, batches = _quantized(digits_model, digits, w_bits=3)
+    unit = _first_block(qmodel, batches)
+    scales = {n: qmodel.get_submodule(n).weight_quantizer.scale.clone() for n in unit.layers}
+    reconstruct_unit(qmodel, unit, collect(qmodel, unit, batches), iters=200, lr=1e-2, weight_scale_lr=1e-3)
+    for name in unit.layers:
+        layer = qmodel.get_submodule(name)
+        q = layer.weight_quantizer
+        assert not torch.equal(q.scale, scales[name]) and bool((q.scale > 0).all())
+        s, z = channel_view(q.scale, layer.weight.ndim), channel_view(q.zero_point, layer.weight.ndim)
+        codes = quantize_codes(layer.weight, s, z, q.bits)
+        assert torch.allclose((codes.float() - z) * s, layer.weight, atol=1e-6)
+        assert torch.equal(unpack(pack(codes, q.bits), q.bits, codes.numel()).view_as(codes), codes)
+
+
+def test_fisher_weights_are_squared_task_gradients_with_mean_one(digits_model, digits):
+    qmodel, batches = _quantized(digits_model, digits)
+    unit = _first_block(qmodel, batches)
+    plain = collect(qmodel, unit, batches)
+    data = collect(qmodel, unit, batches, fisher=True)
+    assert data.fisher.shape == data.targets.shape and torch.equal(data.targets, plain.targets)
+    assert torch.isclose(data.fisher.mean(), torch.tensor(1.0)) and bool((data.fisher >= 0).all())
+    assert data.fisher.std() > 0.1  # not uniform: some outputs matter more to the prediction
+    rtn = unit_error(qmodel, unit, data)
+    result = reconstruct_unit(qmodel, unit, data, iters=300, batch_size=32, lr=1e-2)
+    assert result["reconstruction_error"] < rtn
+
+
+def test_cache_plan_matches_what_is_collected_and_half_precision_halves_it(digits_model, digits, monkeypatch):
+    from ptq.config import Method, ReconConfig
+    from ptq.recon import run
+    from ptq.recon.run import ReconError, plan_cache, settings_for
+
+    qmodel, batches = _quantized(digits_model, digits)
+    units = run.units_for(qmodel, Method.QDROP, batches[0][:1])
+    config = ReconConfig()
+    plan = plan_cache(units, 256, config, settings_for(Method.QDROP, config), torch.device("cpu"))
+    sizes = [collect(qmodel, u, batches).nbytes() for u in units]
+    assert plan.unit_bytes == sizes and plan.naive_bytes == sum(sizes) and plan.store.type == "cpu"
+    half = ReconConfig(cache_dtype="float16")
+    half_plan = plan_cache(units, 256, half, settings_for(Method.QDROP, half), torch.device("cpu"))
+    assert half_plan.peak_bytes * 2 == plan.peak_bytes
+    data = collect(qmodel, units[1], batches, dtype=torch.float16)
+    assert data.q_inputs.dtype == torch.float16 and data.batch(torch.arange(4), torch.device("cpu"))[0].dtype == torch.float32
+    monkeypatch.setattr(run, "_host_available", lambda: plan.peak_bytes)  # too little memory left
+    with pytest.raises(ReconError, match="cache_dtype=float16"):
+        plan_cache(units, 256, config, settings_for(Method.QDROP, config), torch.device("cpu"))

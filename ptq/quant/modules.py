@@ -11,11 +11,13 @@ Each quantizer has an `enabled` switch; `set_quant_state` flips them for a whole
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ptq.quant.functional import channel_view, fake_quantize
+from ptq.quant.functional import act_fake_quantize, channel_view, fake_quantize, qrange
 from ptq.quant.observers import Observer
 
 
@@ -36,6 +38,16 @@ class Quantizer(nn.Module):
         self.zero_point = zero_point.detach().to(self.zero_point).reshape(self.zero_point.shape).clone()
         self.calibrated = True
 
+    def learn_scale(self, learn: bool = True) -> nn.Parameter | None:
+        """Make `scale` a trainable parameter (returned), or, with `learn=False`, a buffer again keeping its value."""
+        value = self.scale.detach().clone()
+        del self.scale  # a buffer or a parameter: either way it is re-registered below
+        if learn:
+            self.scale = nn.Parameter(value)
+            return self.scale
+        self.register_buffer("scale", value)
+        return None
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale.numel() == 1:
             return fake_quantize(x, self.scale, self.zero_point, self.bits)
@@ -55,7 +67,8 @@ class WeightQuantizer(Quantizer):
 class ActQuantizer(Quantizer):
     """Per-tensor activation quantizer. `keep_prob` p (QDrop, arXiv 2203.05740, reconstruction only): each element
     keeps its quantized value with probability p and passes its FP value otherwise; None (always quantized) at
-    inference, where p = 1 is the same."""
+    inference, where p = 1 is the same. During reconstruction `scale` may be made a parameter (`learn_scale`): its
+    gradient then follows LSQ (arXiv 1902.08153), scaled by 1/√(N·Qp)."""
 
     def __init__(self, bits: int):
         super().__init__(bits, channels=1)
@@ -67,10 +80,10 @@ class ActQuantizer(Quantizer):
             self.observer.observe(x)
         if not self.enabled:
             return x
-        xq = self.quantize(x)
-        if self.keep_prob is not None and self.keep_prob < 1:
-            return torch.where(torch.rand_like(x) < self.keep_prob, xq, x)
-        return xq
+        grad_factor = 1.0
+        if self.scale.requires_grad:  # LSQ: the step's gradient scaled by 1/√(N·Qp), N = elements per example
+            grad_factor = 1.0 / math.sqrt(x[0].numel() * qrange(self.bits)[1])
+        return act_fake_quantize(x, self.scale, self.zero_point, self.bits, self.keep_prob, grad_factor)
 
 
 class QuantLayer(nn.Module):

@@ -6,6 +6,9 @@ V starts where h(V) equals the fractional part of W/s (so the soft weight starts
 λ·Σ(1 − |2h(V) − 1|^β), with β annealed linearly 20 → 2 after a warm-up without it, pushes every h to 0 or 1; at the
 end rounding is made hard (h ≥ 0.5 → up). The hard result is written back as the layer's weight, exactly on the
 quantizer's grid, so packing and the ordinary fake-quantized forward reproduce it bit for bit.
+
+Genie-M (arXiv 2212.04780) also learns the per-channel scale s jointly with V (`learn_scale=True`), with ⌊W/s₀⌋
+frozen at its initial value; the learned s then becomes the weight quantizer's scale.
 """
 
 from __future__ import annotations
@@ -47,20 +50,25 @@ def beta_at(step: int, total: int, warmup: float = 0.2, start: float = 20.0, end
 class AdaRoundQuantizer(nn.Module):
     """Replaces a layer's weight quantizer during reconstruction; `hard_weight()` gives the final weight."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int):
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, learn_scale: bool = False
+    ):
         super().__init__()
         self.bits = bits
         s, z = channel_view(scale, weight.ndim), channel_view(zero_point, weight.ndim)
         floor, v = init_rounding(weight.detach(), s)
         self.register_buffer("floor", floor)
-        self.register_buffer("scale", s.detach().clone())
+        if learn_scale:
+            self.scale = nn.Parameter(s.detach().clone())
+        else:
+            self.register_buffer("scale", s.detach().clone())
         self.register_buffer("zero_point", z.detach().clone())
         self.v = nn.Parameter(v)
         self.hard = False
 
     def _grid(self, h: torch.Tensor) -> torch.Tensor:
         qmin, qmax = qrange(self.bits)
-        return (torch.clamp(self.floor + h + self.zero_point, qmin, qmax) - self.zero_point) * self.scale
+        return (torch.clamp(self.floor + h + self.zero_point, qmin, qmax) - self.zero_point) * self.scale.clamp(min=1e-8)
 
     def forward(self, w: torch.Tensor | None = None) -> torch.Tensor:
         h = (self.v >= 0).float() if self.hard else rectified_sigmoid(self.v)  # σ(V) ≥ 0.5 ⇔ V ≥ 0 ⇔ h ≥ 0.5
@@ -72,3 +80,8 @@ class AdaRoundQuantizer(nn.Module):
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
         return self._grid((self.v >= 0).float())
+
+    @torch.no_grad()
+    def channel_scale(self) -> torch.Tensor:
+        """The (possibly learned) scale as a per-channel vector, kept positive."""
+        return self.scale.detach().flatten().clamp(min=1e-8)

@@ -1,35 +1,42 @@
-"""One reconstruction engine for layers and blocks (AdaRound arXiv 2004.10568, BRECQ 2102.05426, QDrop 2203.05740).
+"""One reconstruction engine for layers and blocks (AdaRound arXiv 2004.10568, BRECQ 2102.05426, QDrop 2203.05740,
+Genie-M 2212.04780); the methods differ only in `Settings`.
 
 For a unit of a prepared, calibrated model: its inputs come from the already-quantized model, its targets from the
 same model with quantization off (the BN-folded FP network), both collected for the calibration images one unit at
 a time. The unit's weight quantizers are replaced by AdaRound quantizers and trained with Adam to minimise
 
-    L = Σ_c (ẑ − z)² averaged over (N, H, W)  +  λ · Σ (1 − |2h(V) − 1|^β)     (β: 20 → 2 after a 20% warm-up)
+    L = Σ_c w·(ẑ − z)² averaged over (N, H, W)  +  λ · Σ (1 − |2h(V) − 1|^β)     (β: 20 → 2 after a 20% warm-up)
 
+where w = 1, or with Fisher weighting the squared gradient of the task loss at the unit's output (normalised to mean
+1). Learned alongside, by setting:
+- activation step sizes inside the unit (LSQ): jointly with V (QDrop, cosine-annealed lr), or in a second pass once
+  the rounding is fixed (BRECQ, loss Σ_c |ẑ − z|^p with p = 2.4, activations off during the first pass);
+- the per-channel weight scales (Genie-M, cosine-annealed lr, ⌊W/s₀⌋ frozen).
 With QDrop (keep probability p < 1), every activation quantizer inside the unit and the unit's input keep their
 quantized value element-wise with probability p, else pass the FP value. At the end rounding is made hard and the
 result becomes the layers' weights, exactly on their quantizers' grids.
-
-This module holds the per-unit loop; the method presets, resumable checkpoints, cache placement and the CLI build on it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ptq.config import ActSteps
 from ptq.quant.modules import ActQuantizer, QuantLayer, WeightQuantizer, set_quant_state
 from ptq.recon.adaround import AdaRoundQuantizer, beta_at
 from ptq.recon.units import Unit
 
 log = logging.getLogger(__name__)
 
-
 CHECK_EVERY = 50  # iterations between finiteness checks of the loss
+Step = Callable[[int, float], None]  # (iterations done in this pass, reconstruction loss)
 
 
 class _Stop(Exception):
@@ -37,28 +44,83 @@ class _Stop(Exception):
 
 
 @dataclass
+class Settings:
+    """What one unit learns, and how; `ptq.recon.run` derives it from the method and `ReconConfig`."""
+
+    iters: int = 20000
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_weight: float = 0.01
+    keep_prob: float = 1.0
+    act_steps: ActSteps = ActSteps.FIXED
+    act_lr: float = 4e-5
+    act_iters: int = 5000  # second pass only
+    act_loss_p: float = 2.4  # second pass only
+    weight_scale_lr: float | None = None  # Genie-M when set
+    seed: int = 0
+
+
+@dataclass
 class UnitData:
+    """A unit's cached tensors for the whole calibration set, in any storage dtype and place."""
+
     q_inputs: torch.Tensor  # unit inputs from the quantized model
-    fp_inputs: torch.Tensor  # unit inputs from the FP model (QDrop mixes them in)
+    fp_inputs: torch.Tensor | None  # unit inputs from the FP model (only QDrop mixes them in)
     targets: torch.Tensor  # unit outputs of the FP model
+    fisher: torch.Tensor | None = None  # per-element loss weights (squared task-loss gradient, mean 1)
+
+    def __len__(self) -> int:
+        return self.q_inputs.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.q_inputs, self.fp_inputs, self.targets, self.fisher) if t is not None]
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+        """(q_inputs, fp_inputs, targets, fisher) rows `idx`, as float32 on `device`."""
+        idx = idx.to(self.q_inputs.device)
+        return tuple(
+            None if t is None else t[idx].to(device, torch.float32, non_blocking=True)
+            for t in (self.q_inputs, self.fp_inputs, self.targets, self.fisher)
+        )
 
 
 @torch.no_grad()
 def collect(
-    model: nn.Module, unit: Unit, batches: Iterable[torch.Tensor], store: torch.device | str = "cpu"
+    model: nn.Module,
+    unit: Unit,
+    batches: Iterable[torch.Tensor],
+    store: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fp_inputs: bool = True,
+    fisher: bool = False,
 ) -> UnitData:
-    """Inputs (quantized and FP) and FP outputs of one unit for every calibration batch; forwards stop at the unit."""
+    """Inputs (quantized and, if asked, FP) and FP outputs of one unit for every calibration batch.
+
+    Forwards stop at the unit, except with `fisher`: the FP forward then runs to the logits and back, and the
+    squared gradient of the cross-entropy with the FP model's own predictions is taken at the unit's output."""
     module = unit.module(model)
-    seen: dict[str, list[torch.Tensor]] = {"q_in": [], "fp_in": [], "fp_out": []}
+    store = torch.device(store)
+    seen: dict[str, list[torch.Tensor]] = {"q_in": [], "fp_in": [], "fp_out": [], "fisher": []}
     mode: dict[str, bool] = {}
+    leaf: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(store, dtype)
 
     def hook(mod, args, output):
         if mode["quant"]:
-            seen["q_in"].append(args[0].detach().to(store))
-        else:
-            seen["fp_in"].append(args[0].detach().to(store))
-            seen["fp_out"].append(output.detach().to(store))
-        raise _Stop
+            seen["q_in"].append(keep(args[0]))
+            raise _Stop
+        if fp_inputs:
+            seen["fp_in"].append(keep(args[0]))
+        seen["fp_out"].append(keep(output))
+        if not fisher:
+            raise _Stop
+        leaf.append(output.detach().requires_grad_())
+        return leaf[-1]  # the rest of the network runs from a leaf whose gradient is the one wanted
 
     states = {m: m.enabled for m in model.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))}
     handle = module.register_forward_hook(hook)
@@ -68,94 +130,197 @@ def collect(
                 mode["quant"] = quant
                 set_quant_state(model, quant, quant)
                 try:
-                    model(x)
+                    if fisher and not quant:
+                        with torch.enable_grad():
+                            logits = model(x)
+                            F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward(inputs=leaf[-1:])
+                        seen["fisher"].append(keep(leaf.pop().grad.square()))
+                    else:
+                        model(x)
                 except _Stop:
                     pass
     finally:
         handle.remove()
         for m, enabled in states.items():
             m.enabled = enabled
-    return UnitData(torch.cat(seen["q_in"]), torch.cat(seen["fp_in"]), torch.cat(seen["fp_out"]))
+    weights = None
+    if fisher:
+        weights = torch.cat(seen["fisher"])
+        weights.div_(weights.float().mean().clamp(min=1e-30).to(weights.dtype))
+    pinned = store.type == "cpu" and torch.cuda.is_available() and next(model.parameters()).is_cuda
+    cat = (lambda ts: torch.cat(ts).pin_memory()) if pinned else torch.cat
+    return UnitData(
+        cat(seen["q_in"]), cat(seen["fp_in"]) if fp_inputs else None, cat(seen["fp_out"]),
+        weights.pin_memory() if pinned and weights is not None else weights,
+    )  # fmt: skip
 
 
-def reconstruction_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Σ over channels of the squared error, averaged over the other dimensions."""
-    return (out - target).square().sum(dim=1).mean()
+def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over channels of the (optionally weighted) squared error, averaged over the other dimensions."""
+    err = (out - target).square()
+    if weight is not None:
+        err = err * weight
+    return err.sum(dim=1).mean() if err.ndim > 1 else err.mean()
+
+
+def lp_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """Σ over channels of |ẑ − z|^p, averaged over the other dimensions (BRECQ's activation pass)."""
+    err = (out - target).abs().pow(p)
+    return err.sum(dim=1).mean() if err.ndim > 1 else err.mean()
 
 
 @torch.no_grad()
 def unit_error(model: nn.Module, unit: Unit, data: UnitData, batch: int = 64) -> float:
     module = unit.module(model)
+    device = next(module.parameters()).device
     total = 0.0
-    for i in range(0, len(data.q_inputs), batch):
-        out = module(data.q_inputs[i : i + batch])
-        total += float(reconstruction_loss(out, data.targets[i : i + batch])) * out.shape[0]
-    return total / len(data.q_inputs)
+    for i in range(0, len(data), batch):
+        idx = torch.arange(i, min(i + batch, len(data)))
+        x, _, target, weight = data.batch(idx, device)
+        total += float(reconstruction_loss(module(x), target, weight)) * x.shape[0]
+    return total / len(data)
+
+
+def _cosine(iters: int) -> Callable[[int], float]:
+    return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, iters) / iters))
+
+
+def _optimise(
+    module: nn.Module,
+    data: UnitData,
+    groups: list[dict],
+    iters: int,
+    settings: Settings,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], tuple[torch.Tensor, torch.Tensor]],
+    seed: int,
+    step: Step | None,
+) -> bool:
+    """Adam over `groups` (a group with `cosine: True` has its lr annealed to 0) for `iters` iterations on random
+    mini-batches of `data`. A non-finite loss ends the pass with every parameter at its last good value; returns
+    whether that happened."""
+    device = next(module.parameters()).device
+    params = [p for g in groups for p in g["params"]]
+    cosine = [g.pop("cosine", False) for g in groups]
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [_cosine(iters) if c else (lambda it: 1.0) for c in cosine])
+    g = torch.Generator(device=data.q_inputs.device).manual_seed(seed)
+    n = len(data)
+    good = [p.detach().clone() for p in params]
+    devices = [device.index or 0] if device.type == "cuda" else []
+    keep_prob = settings.keep_prob
+    with torch.random.fork_rng(devices=devices):  # QDrop's masks: reproducible per unit, e.g. on resume
+        torch.manual_seed(seed)
+        for it in range(iters):
+            idx = torch.randint(n, (min(settings.batch_size, n),), generator=g, device=data.q_inputs.device)
+            x_q, x_fp, target, weight = data.batch(idx, device)
+            x = torch.where(torch.rand_like(x_q) < keep_prob, x_q, x_fp) if x_fp is not None and keep_prob < 1 else x_q
+            loss, rec = loss_fn(module(x), target, weight, it)
+            if (it + 1) % CHECK_EVERY == 0 or it + 1 == iters or it == 0:  # one host sync per check
+                if not torch.isfinite(loss):
+                    with torch.no_grad():
+                        for p, v in zip(params, good, strict=True):
+                            p.copy_(v)
+                    return True
+                good = [p.detach().clone() for p in params]
+                if step is not None:
+                    step(it + 1, float(rec.detach()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return False
 
 
 def reconstruct_unit(
-    model: nn.Module,
-    unit: Unit,
-    data: UnitData,
-    iters: int,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    reg_weight: float = 0.01,
-    keep_prob: float = 1.0,
-    seed: int = 0,
-    step: Callable[[int, float], None] | None = None,
+    model: nn.Module, unit: Unit, data: UnitData, settings: Settings | None = None, step: Step | None = None, **kw
 ) -> dict[str, float]:
-    """AdaRound (+ QDrop when keep_prob < 1) on one unit; its layers' weights end hard-rounded on the grid."""
+    """Reconstruct one unit in place (see the module docstring); `kw` overrides fields of `settings`.
+
+    Afterwards its layers' weights are hard-rounded on their quantizers' grids (whose scales Genie-M may have
+    changed) and its activation quantizers hold their learned steps."""
+    settings = Settings(**{**(settings or Settings()).__dict__, **kw})
     module = unit.module(model)
     device = next(module.parameters()).device
     layers: list[QuantLayer] = [model.get_submodule(name) for name in unit.layers]
-    rounders = []
-    for layer in layers:
-        wq = layer.weight_quantizer
-        rounders.append(AdaRoundQuantizer(layer.weight, wq.scale, wq.zero_point, wq.bits).to(device))
+    learn_scale = settings.weight_scale_lr is not None
+    rounders = [
+        AdaRoundQuantizer(layer.weight, layer.weight_quantizer.scale, layer.weight_quantizer.zero_point,
+                          layer.weight_quantizer.bits, learn_scale).to(device)
+        for layer in layers
+    ]  # fmt: skip
     originals = [layer.weight_quantizer for layer in layers]
     inner = [m for m in module.modules() if isinstance(m, ActQuantizer) and m.enabled]
-    g = torch.Generator(device=data.q_inputs.device).manual_seed(seed)
-    opt = torch.optim.Adam([r.v for r in rounders], lr=lr)
-    n = len(data.q_inputs)
-    good = [r.v.detach().clone() for r in rounders]  # last state whose loss was finite
+    second_pass = settings.act_steps is ActSteps.SECOND_PASS and bool(inner)
+    iters = settings.iters
+
+    def rounding_loss(out, target, weight, it):
+        rec = reconstruction_loss(out, target, weight)
+        beta = beta_at(it, iters)
+        if beta is None:
+            return rec, rec
+        return rec + settings.reg_weight * sum(r.regulariser(beta) for r in rounders), rec
+
+    def rounding_step(it, rec):
+        if step is not None:
+            step(it, rec)
+
     diverged = False
-    devices = [device.index or 0] if device.type == "cuda" else []
+    frozen = {p: p.requires_grad for p in module.parameters()}  # only the parts named below learn
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         for layer, rounder in zip(layers, rounders, strict=True):
             layer.weight_quantizer = rounder
             rounder.enabled = True  # QuantLayer only calls a quantizer that is enabled
         for q in inner:
-            q.keep_prob = keep_prob
-        with torch.random.fork_rng(devices=devices):  # QDrop's masks: reproducible per unit, e.g. on resume
-            torch.manual_seed(seed)
-            for it in range(iters):
-                idx = torch.randint(n, (min(batch_size, n),), generator=g, device=data.q_inputs.device)
-                x_q, x_fp, target = (t[idx].to(device) for t in (data.q_inputs, data.fp_inputs, data.targets))
-                x = torch.where(torch.rand_like(x_q) < keep_prob, x_q, x_fp) if keep_prob < 1 else x_q
-                rec = reconstruction_loss(module(x), target)
-                beta = beta_at(it, iters)
-                reg = sum(r.regulariser(beta) for r in rounders) if beta is not None else 0.0
-                loss = rec + reg_weight * reg
-                if (it + 1) % CHECK_EVERY == 0 or it + 1 == iters or it == 0:  # one host sync per check
-                    if not torch.isfinite(loss):
-                        diverged = True
-                        break
-                    good = [r.v.detach().clone() for r in rounders]
-                    if step is not None:
-                        step(it + 1, float(rec.detach()))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+            q.keep_prob = settings.keep_prob
+            q.enabled = not second_pass  # BRECQ: the rounding is learned with the unit's activations in FP
+        groups = [{"params": [r.v for r in rounders], "lr": settings.lr}]
+        if learn_scale:
+            groups.append({"params": [r.scale for r in rounders], "lr": settings.weight_scale_lr, "cosine": True})
+        if settings.act_steps is ActSteps.JOINT and inner:
+            groups.append({"params": [q.learn_scale() for q in inner], "lr": settings.act_lr, "cosine": True})
+        diverged = _optimise(module, data, groups, iters, settings, rounding_loss, settings.seed, rounding_step)
+        for rounder in rounders:
+            rounder.hard = True
+        if second_pass and not diverged:
+            for q in inner:
+                q.enabled = True
+            steps = [q.learn_scale() for q in inner]
+
+            def act_loss(out, target, weight, it):
+                loss = lp_loss(out, target, settings.act_loss_p)
+                return loss, loss
+
+            def act_step(it, rec):
+                if step is not None:
+                    step(iters + it, rec)
+
+            groups = [{"params": steps, "lr": settings.act_lr}]
+            diverged = _optimise(
+                module, data, groups, settings.act_iters, settings, act_loss, settings.seed + 1, act_step
+            )
     finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
         for q in inner:
             q.keep_prob = None
+            q.enabled = True
+            if q.scale.requires_grad:
+                q.learn_scale(False)
         with torch.no_grad():
-            for layer, rounder, original, v in zip(layers, rounders, originals, good, strict=True):
-                if diverged:
-                    rounder.v.copy_(v)
+            for layer, rounder, original in zip(layers, rounders, originals, strict=True):
                 layer.layer.weight.copy_(rounder.hard_weight())
+                if learn_scale:
+                    original.scale.copy_(rounder.channel_scale().to(original.scale))
                 layer.weight_quantizer = original
     if diverged:
         log.warning("unit %s: loss became NaN/inf; kept its last good state and went on", unit.name)
     return {"reconstruction_error": unit_error(model, unit, data), "diverged": diverged}
+
+
+def total_iters(settings: Settings, unit: Unit, model: nn.Module) -> int:
+    """Iterations `reconstruct_unit` runs on `unit` (for progress): the rounding pass, plus BRECQ's activation pass."""
+    module = unit.module(model)
+    has_acts = any(isinstance(m, ActQuantizer) and m.enabled for m in module.modules())
+    return settings.iters + (settings.act_iters if settings.act_steps is ActSteps.SECOND_PASS and has_acts else 0)

@@ -1,8 +1,13 @@
-"""Reconstruct every unit of a calibrated model in network order, resumably.
+"""Reconstruct every unit of a calibrated model in network order, resumably, one unit's cache at a time.
 
-After each unit its hard-rounded weights are checkpointed in a work folder; rerunning the same job skips the finished
-units (loading their weights) and continues, giving the same result as an uninterrupted seeded run. Each unit's
-inputs and targets are collected for the calibration set when its turn comes — never all units at once.
+Before any work, the cache each unit needs (its inputs and targets for the whole calibration set) is estimated from
+a one-example probe and a placement is chosen: on the device when it fits comfortably, else in host memory, in the
+configured dtype (half precision halves it). The naive alternative — every unit cached at once — is reported
+alongside for comparison.
+
+After each unit its learned state (hard-rounded weights, weight scales, activation steps) is checkpointed in a work
+folder; rerunning the same job skips the finished units (loading their state) and continues, giving the same result
+as an uninterrupted seeded run.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +28,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ptq._io import atomic_path
-from ptq.config import Method, ReconConfig, to_plain
-from ptq.recon.engine import collect, reconstruct_unit, unit_error
+from ptq.config import ActSteps, ConfigError, Method, ReconConfig, to_plain
+from ptq.quant.modules import ActQuantizer
+from ptq.recon.engine import Settings, collect, reconstruct_unit, total_iters, unit_error
 from ptq.recon.units import Unit, find_units
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int | None], None]
+Progress = Callable[..., None]  # progress(label, done, total, note=None)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICE_SHARE = 0.5  # the cache may take this share of the device's free memory; the rest is for the unit's training
+
+
+class ReconError(RuntimeError):
+    """Reconstruction cannot run as configured; the message says how to fix it."""
 
 
 def units_for(model: nn.Module, method: Method, example: torch.Tensor) -> list[Unit]:
@@ -34,10 +49,83 @@ def units_for(model: nn.Module, method: Method, example: torch.Tensor) -> list[U
     return find_units(model, example, layerwise=method is Method.ADAROUND)
 
 
+def settings_for(method: Method, config: ReconConfig) -> Settings:
+    """The per-unit settings of a method: its published defaults, overridden by what `config` sets."""
+    default_steps = {Method.QDROP: ActSteps.JOINT, Method.BRECQ: ActSteps.SECOND_PASS}.get(method, ActSteps.FIXED)
+    act_steps = config.act_steps or default_steps
+    return Settings(
+        iters=config.iters,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        reg_weight=config.reg_weight,
+        keep_prob=config.keep_prob if config.keep_prob is not None else (0.5 if method is Method.QDROP else 1.0),
+        act_steps=act_steps,
+        act_lr=config.act_lr or (4e-4 if act_steps is ActSteps.SECOND_PASS else 4e-5),
+        act_iters=config.act_iters or max(1, config.iters // 4),
+        weight_scale_lr=config.weight_scale_lr if config.learn_weight_scale else None,
+        seed=config.seed,
+    )
+
+
+@dataclass
+class CachePlan:
+    store: torch.device
+    dtype: torch.dtype
+    unit_bytes: list[int]  # per unit, for the whole calibration set
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.unit_bytes, default=0)
+
+    @property
+    def naive_bytes(self) -> int:
+        """What caching every unit at once would take."""
+        return sum(self.unit_bytes)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "placement": self.store.type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "peak_unit_mb": round(self.peak_bytes / 2**20, 1),
+            "all_units_mb": round(self.naive_bytes / 2**20, 1),
+        }
+
+
+def _host_available() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def plan_cache(
+    units: list[Unit], images: int, config: ReconConfig, settings: Settings, device: torch.device
+) -> CachePlan:
+    """Size every unit's cache and choose where it lives (see the module docstring); fails early if it cannot fit."""
+    dtype = DTYPES[config.cache_dtype.value]
+    size = torch.tensor([], dtype=dtype).element_size()
+    fp_in = settings.keep_prob < 1
+    unit_bytes = [images * size * (u.in_numel * (1 + fp_in) + u.out_numel * (1 + config.fisher)) for u in units]
+    peak = max(unit_bytes, default=0)
+    store = torch.device("cpu")
+    if device.type == "cuda" and config.cache in ("auto", "device"):
+        free, _ = torch.cuda.mem_get_info(device)
+        if config.cache == "device" or peak <= DEVICE_SHARE * free:
+            store = device
+    available = _host_available()
+    if store.type == "cpu" and available is not None and peak > 0.8 * available:
+        hint = "recon.cache_dtype=float16 or " if dtype == torch.float32 else ""
+        raise ReconError(
+            f"the largest unit's cache needs {peak / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory "
+            f"is free: use --set {hint}fewer calibration images (--set calib.num_images=N)"
+        )
+    return CachePlan(store, dtype, unit_bytes)
+
+
 def _fingerprint(method: Method, config: ReconConfig, units: list[Unit], batches: list[torch.Tensor]) -> str:
     key = {
         "method": method.value,
-        "config": to_plain(config.__dict__),
+        "config": to_plain({k: v for k, v in config.__dict__.items() if k not in ("cache", "cache_dtype")}),
         "units": [u.name for u in units],
         "images": sum(b.shape[0] for b in batches),
         "first": float(batches[0].double().sum()),
@@ -45,19 +133,38 @@ def _fingerprint(method: Method, config: ReconConfig, units: list[Unit], batches
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _unit_state(model: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
+    """What reconstruction changes in a unit: layer weights, weight scales, activation steps."""
+    state = {}
+    for name in unit.layers:
+        layer = model.get_submodule(name)
+        state[f"weight:{name}"] = layer.layer.weight
+        state[f"weight_scale:{name}"] = layer.weight_quantizer.scale
+    for name, m in unit.module(model).named_modules():
+        if isinstance(m, ActQuantizer):
+            state[f"act_scale:{unit.name}.{name}"] = m.scale
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 def _load_unit(path: Path, fp: str, model: nn.Module, unit: Unit) -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("fingerprint") != fp:
                 return False
-            weights = {k: f.get_tensor(k) for k in f.keys()}
+            saved = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError):
         return False
-    if set(weights) != set(unit.layers):
+    current = _unit_state(model, unit)
+    if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
         return False
     with torch.no_grad():
-        for name, w in weights.items():
-            model.get_submodule(name).layer.weight.copy_(w)
+        for name in unit.layers:
+            layer = model.get_submodule(name)
+            layer.layer.weight.copy_(saved[f"weight:{name}"])
+            layer.weight_quantizer.scale.copy_(saved[f"weight_scale:{name}"])
+        for name, m in unit.module(model).named_modules():
+            if isinstance(m, ActQuantizer):
+                m.scale.copy_(saved[f"act_scale:{unit.name}.{name}"])
     return True
 
 
@@ -70,35 +177,42 @@ def reconstruct(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Reconstruct all units of `model` in place; returns a per-unit summary."""
+    if config.fisher and getattr(model, "num_classes", 1) == 0:
+        raise ConfigError("recon.fisher needs a classifier head (the task loss uses the model's own predictions)")
     units = units_for(model, method, batches[0][:1])
-    keep = config.keep_prob if config.keep_prob is not None else (0.5 if method is Method.QDROP else 1.0)
+    settings = settings_for(method, config)
     device = next(model.parameters()).device
-    store = device if config.cache == "device" else torch.device("cpu")
+    images = sum(b.shape[0] for b in batches)
+    plan = plan_cache(units, images, config, settings, device)
+    log.info(
+        "reconstruction cache: %s, %s, %.1f MiB for the largest unit (all units at once: %.1f MiB)",
+        plan.store.type, plan.describe()["dtype"], plan.peak_bytes / 2**20, plan.naive_bytes / 2**20,
+    )  # fmt: skip
     fp = _fingerprint(method, config, units, batches)
     work = Path(work_dir) if work_dir is not None else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
     summary: list[dict[str, Any]] = []
-    total = len(units) * config.iters
+    counts = [total_iters(settings, u, model) for u in units]
+    total = sum(counts)
     start = time.perf_counter()
     for i, unit in enumerate(units):
+        done = sum(counts[:i])
+        label = f"{unit.name} ({i + 1}/{len(units)})"
         path = work / f"unit_{i:04d}.safetensors" if work is not None else None
         if path is not None and path.is_file() and _load_unit(path, fp, model, unit):
             summary.append({"unit": unit.name, "resumed": True})
             if progress is not None:
-                progress("reconstruct", (i + 1) * config.iters, total)
+                progress("reconstruct", done + counts[i], total, note=f"{label} resumed")
             continue
-        data = collect(model, unit, batches, store)
+        data = collect(model, unit, batches, plan.store, plan.dtype, settings.keep_prob < 1, config.fisher)
         before = unit_error(model, unit, data)
 
-        def step(it, rec, done=i * config.iters):
+        def step(it, rec, done=done, label=label):
             if progress is not None:
-                progress("reconstruct", done + it, total)
+                progress("reconstruct", done + it, total, note=f"{label} loss {rec:.4g}")
 
-        result = reconstruct_unit(
-            model, unit, data, config.iters, config.batch_size, config.lr, config.reg_weight, keep,
-            config.seed + i, step,
-        )  # fmt: skip
+        result = reconstruct_unit(model, unit, data, settings, step, seed=config.seed + i)
         del data
         summary.append(
             {
@@ -110,13 +224,16 @@ def reconstruct(
         )
         log.info("unit %s: error %.4g → %.4g", unit.name, before, result["reconstruction_error"])
         if path is not None:
-            weights = {name: model.get_submodule(name).layer.weight.detach().cpu().contiguous() for name in unit.layers}
             with atomic_path(path) as tmp:
-                save_file(weights, str(tmp), metadata={"fingerprint": fp, "unit": unit.name})
+                save_file(_unit_state(model, unit), str(tmp), metadata={"fingerprint": fp, "unit": unit.name})
     return {
         "method": method.value,
         "units": len(units),
-        "keep_prob": keep,
+        "keep_prob": settings.keep_prob,
+        "act_steps": settings.act_steps.value,
+        "learn_weight_scale": settings.weight_scale_lr is not None,
+        "fisher": config.fisher,
+        "cache": plan.describe(),
         "seconds": round(time.perf_counter() - start, 2),
         "per_unit": summary,
     }

@@ -34,6 +34,8 @@ class Unit:
     name: str  # module path in the prepared model
     kind: UnitKind
     layers: list[str]  # paths of the quantized layers it contains
+    in_numel: int = 0  # elements of one example's input and output (from the probe; sizes the cache)
+    out_numel: int = 0
 
     def module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.name)
@@ -62,11 +64,17 @@ def find_units(model: nn.Module, example: torch.Tensor | None = None, layerwise:
             units.append(Unit(name, UnitKind.LAYER, [name]))
             claimed.add(name)
     order: dict[str, int] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     by_name = {u.name: model.get_submodule(u.name) for u in units}
 
     def pre(name, module, x):
         order.setdefault(name, len(order))
 
-    with torch.no_grad(), hooked(by_name.items(), pre=pre):
+    def post(name, module, x, y):
+        sizes.setdefault(name, (x[0].numel(), y[0].numel()))
+
+    with torch.no_grad(), hooked(by_name.items(), pre=pre, post=post):
         model(example if example is not None else example_input(model))
+    for u in units:
+        u.in_numel, u.out_numel = sizes.get(u.name, (0, 0))
     return sorted(units, key=lambda u: order.get(u.name, len(order)))
