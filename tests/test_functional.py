@@ -70,14 +70,14 @@ def _lsq_reference(x, s, z, bits, keep=None):
 
 @pytest.mark.parametrize("keep_prob", [None, 0.5])
 def test_activation_fake_quantize_matches_lsq_in_values_and_gradients(keep_prob):
-    from ptq.quant.functional import act_fake_quantize
+    from ptq.quant.functional import act_fake_quantize, keep_mask
 
     torch.manual_seed(0)
     x = (torch.randn(4, 8, 5, 5) * 3).requires_grad_()
     s, z = torch.tensor([0.1], requires_grad=True), torch.tensor([7.0])
     upstream = torch.randn(4, 8, 5, 5)
     torch.manual_seed(1)
-    keep = torch.rand_like(x) < keep_prob if keep_prob is not None else None
+    keep = keep_mask(x, keep_prob) if keep_prob is not None else None
     ref = _lsq_reference(x, s, z, 4, keep)
     gx_ref, gs_ref = torch.autograd.grad((ref * upstream).sum(), (x, s))
     torch.manual_seed(1)  # the same mask inside
@@ -88,3 +88,16 @@ def test_activation_fake_quantize_matches_lsq_in_values_and_gradients(keep_prob)
     with torch.no_grad():  # the inference path gives the same values
         torch.manual_seed(1)
         assert torch.equal(act_fake_quantize(x, s, z, 4, keep_prob), ref)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_keep_mask_has_the_asked_probability_and_no_pattern(p):
+    from ptq.quant.functional import keep_mask
+
+    torch.manual_seed(0)
+    mask = keep_mask(torch.empty(64, 32, 16, 16), p)
+    assert mask.dtype == torch.bool and mask.shape == (64, 32, 16, 16)
+    assert abs(mask.float().mean().item() - p) < 0.005
+    # neighbouring elements (which share a random byte when p = 1/2) are uncorrelated
+    flat = mask.flatten().float()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01

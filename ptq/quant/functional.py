@@ -80,47 +80,54 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return float(10 * torch.log10(signal / noise))
 
 
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A boolean mask shaped like `x`, each element True with probability `p`. For p = 1/2 (QDrop's default) the
+    bits of random bytes are used: 8 mask elements per random number, several times cheaper than `rand_like`."""
+    if p == 0.5 and x.numel() % 8 == 0:
+        bits = torch.arange(8, dtype=torch.uint8, device=x.device)
+        raw = torch.randint(0, 256, (x.numel() // 8, 1), dtype=torch.uint8, device=x.device)
+        return raw.bitwise_right_shift(bits).bitwise_and_(1).view(torch.bool).view(x.shape)
+    return torch.rand_like(x) < p
+
+
 class _ActFakeQuant(torch.autograd.Function):
     """Per-tensor fake quantization with QDrop mixing and an LSQ step-size gradient, in few passes over the tensor.
 
     Forward: x̂ = (clamp(round(x/s) + z, qmin, qmax) − z)·s; where `keep` is given, out = keep ? x̂ : x.
     Backward (straight-through, LSQ arXiv 1902.08153): ∂out/∂x = 1 where the element passes FP or x/s + z lies
-    inside [qmin, qmax], else 0; ∂out/∂s = round(x/s) − x/s inside the grid, (qmin|qmax) − z where clipped, 0 where FP passes; the
-    step's gradient is multiplied by `grad_factor` (LSQ's 1/√(N·Qp)).
+    inside [qmin, qmax], else 0; ∂out/∂s = round(x/s) − x/s inside the grid, (qmin|qmax) − z where clipped, 0 where
+    FP passes; the step's gradient is multiplied by `grad_factor` (LSQ's 1/√(N·Qp)). The forward keeps only what
+    the backward needs: a boolean gradient mask and, if the step learns, the ∂out/∂s coefficients.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, keep, grad_factor):
-        codes = torch.round(x / scale).add_(zero_point)
-        out = codes.clamp(qmin, qmax).sub_(zero_point).mul_(scale)
+        lo, hi = qmin - zero_point, qmax - zero_point  # the grid in units of the step, zero point removed
+        v = x / scale
+        level = torch.round(v).clamp_(lo, hi)
+        inside = (v >= lo).logical_and_(v <= hi)  # LSQ: clipping decided by x/s itself, not by its rounded value
+        coeff = None
+        if ctx.needs_input_grad[1]:
+            coeff = torch.addcmul(level, v, inside, value=-1)  # level − (x/s inside the grid)
+            if keep is not None:
+                coeff.masked_fill_(keep.logical_not(), 0)
+        del v
+        out = level.mul_(scale)
         if keep is not None:
             out = torch.where(keep, out, x)
-        ctx.save_for_backward(x, scale, zero_point, keep)
-        ctx.qrange, ctx.grad_factor = (qmin, qmax), grad_factor
+            inside.logical_or_(keep.logical_not())
+        ctx.save_for_backward(inside, coeff)
+        ctx.grad_factor, ctx.scale_shape = grad_factor, scale.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero_point, keep = ctx.saved_tensors
-        qmin, qmax = ctx.qrange
-        v = x / scale
-        shifted = v + zero_point
-        low, high = shifted < qmin, shifted > qmax  # LSQ: clipped by x/s itself, not by its rounded code
-        del shifted
-        clipped = low | high
-        grad_x = grad_s = None
-        if ctx.needs_input_grad[0]:
-            drop = clipped if keep is None else clipped & keep
-            grad_x = grad.masked_fill(drop, 0)
-        if ctx.needs_input_grad[1]:
-            d = torch.round(v).sub_(v)  # round(x/s) − x/s inside the grid
-            d = torch.where(low, qmin - zero_point, torch.where(high, qmax - zero_point, d))
-            if keep is not None:
-                d = d.masked_fill_(~keep, 0)
-            grad_s = (grad * d).sum().reshape(scale.shape) * ctx.grad_factor
+        passes, coeff = ctx.saved_tensors
+        grad_x = grad * passes if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if coeff is not None:
+            grad_s = torch.dot(grad.flatten(), coeff.flatten()).mul(ctx.grad_factor).reshape(ctx.scale_shape)
         return grad_x, grad_s, None, None, None, None, None
-
-
 def act_fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -133,9 +140,7 @@ def act_fake_quantize(
     step. With `keep_prob` p < 1 (QDrop arXiv 2203.05740) each element keeps its quantized value with probability p
     and passes x otherwise. Same values as `fake_quantize`; cheaper in time and memory."""
     qmin, qmax = qrange(bits)
-    keep = None
-    if keep_prob is not None and keep_prob < 1:
-        keep = torch.rand_like(x) < keep_prob
+    keep = keep_mask(x, keep_prob) if keep_prob is not None and keep_prob < 1 else None
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
         with torch.no_grad():
             out = torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
