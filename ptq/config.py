@@ -222,14 +222,15 @@ class CacheDtype(str, Enum):
 class ReconConfig:
     """Reconstruction settings (published defaults: 20k iterations per unit, batch 32, Adam lr 1e-3, λ 0.01).
 
-    Values left None take the method's published default: `keep_prob` 0.5 for qdrop, else 1; `act_steps` joint
+    Values left None take the method's published default: `reg_weight` 0.1 for MobileNetV2-like networks (any
+    depthwise convolution), else 0.01; `keep_prob` 0.5 for qdrop, else 1; `act_steps` joint
     for qdrop, second_pass for brecq, fixed for adaround; `act_lr` 4e-5 (joint) or 4e-4 (second pass);
     `act_iters` (second pass) a quarter of `iters` (5,000 for 20,000)."""
 
     iters: int = 20000
     batch_size: int = 32
     lr: float = 1e-3  # Adam on the rounding variables
-    reg_weight: float = 0.01  # λ of the rounding regulariser (0.1 is published for MobileNetV2-like networks)
+    reg_weight: float | None = None  # λ of the rounding regulariser; None: 0.1 for nets with depthwise convs, else 0.01
     keep_prob: float | None = None  # QDrop's probability of keeping the quantized value
     act_steps: ActSteps | None = None
     act_lr: float | None = None
@@ -253,7 +254,7 @@ class ReconConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"recon.{name} must be > 0, got {value!r}")
-        if not self.reg_weight >= 0:
+        if self.reg_weight is not None and not self.reg_weight >= 0:
             raise ConfigError(f"recon.reg_weight must be ≥ 0, got {self.reg_weight}")
         if self.keep_prob is not None and not 0 <= self.keep_prob <= 1:
             raise ConfigError(f"recon.keep_prob must be in [0, 1], got {self.keep_prob!r}")

@@ -241,3 +241,17 @@ def test_quantize_with_reconstruction_resumes_and_cleans_up(tmp_path, checkpoint
     assert report["reconstruction"]["units"] == len(report["reconstruction"]["per_unit"]) > 3
     assert not (tmp_path / ".q.recon").exists()
     assert _quantize(*args[:-2], "--method", "magic", "--device", "cpu").exit_code != 0
+
+
+@pytest.mark.parametrize("recipe", ["brecq", "genie-m", "adaround"])
+def test_every_reconstruction_recipe_runs_end_to_end(tmp_path, checkpoint, few_photos, recipe):
+    out = tmp_path / "q"
+    result = _quantize("test_resnet", "--checkpoint", checkpoint, "--bits", 4, "--calib-data", few_photos,
+                       "--out", out, "--recipe", recipe, "--set", "recon.iters=4", "--set", "calib.num_images=8",
+                       "--set", "recon.cache_dtype=float16", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    recon = json.loads((out / "report.json").read_text())["reconstruction"]
+    expected = {"brecq": "second_pass", "genie-m": "joint", "adaround": "fixed"}[recipe]
+    assert recon["act_steps"] == expected and recon["learn_weight_scale"] == (recipe == "genie-m")
+    assert recon["cache"]["placement"] == "cpu" and recon["cache"]["dtype"] == "float16"
+    assert recon["reg_weight"] == (1.0 if recipe == "genie-m" else 0.01)  # test_resnet has no depthwise convs

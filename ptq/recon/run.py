@@ -49,15 +49,20 @@ def units_for(model: nn.Module, method: Method, example: torch.Tensor) -> list[U
     return find_units(model, example, layerwise=method is Method.ADAROUND)
 
 
-def settings_for(method: Method, config: ReconConfig) -> Settings:
-    """The per-unit settings of a method: its published defaults, overridden by what `config` sets."""
+def has_depthwise(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+def settings_for(method: Method, config: ReconConfig, depthwise: bool = False) -> Settings:
+    """The per-unit settings of a method: its published defaults (λ 0.1 for a network with depthwise convolutions,
+    as published for MobileNetV2), overridden by what `config` sets."""
     default_steps = {Method.QDROP: ActSteps.JOINT, Method.BRECQ: ActSteps.SECOND_PASS}.get(method, ActSteps.FIXED)
     act_steps = config.act_steps or default_steps
     return Settings(
         iters=config.iters,
         batch_size=config.batch_size,
         lr=config.lr,
-        reg_weight=config.reg_weight,
+        reg_weight=config.reg_weight if config.reg_weight is not None else (0.1 if depthwise else 0.01),
         keep_prob=config.keep_prob if config.keep_prob is not None else (0.5 if method is Method.QDROP else 1.0),
         act_steps=act_steps,
         act_lr=config.act_lr or (4e-4 if act_steps is ActSteps.SECOND_PASS else 4e-5),
@@ -180,7 +185,7 @@ def reconstruct(
     if config.fisher and getattr(model, "num_classes", 1) == 0:
         raise ConfigError("recon.fisher needs a classifier head (the task loss uses the model's own predictions)")
     units = units_for(model, method, batches[0][:1])
-    settings = settings_for(method, config)
+    settings = settings_for(method, config, has_depthwise(model))
     device = next(model.parameters()).device
     images = sum(b.shape[0] for b in batches)
     plan = plan_cache(units, images, config, settings, device)
@@ -230,6 +235,7 @@ def reconstruct(
         "method": method.value,
         "units": len(units),
         "keep_prob": settings.keep_prob,
+        "reg_weight": settings.reg_weight,
         "act_steps": settings.act_steps.value,
         "learn_weight_scale": settings.weight_scale_lr is not None,
         "fisher": config.fisher,

@@ -1,0 +1,177 @@
+"""Reconstruction quality: round-to-nearest vs AdaRound / BRECQ / QDrop, on real and zero-shot calibration data.
+
+    python benchmarks/recon_quality.py fmnist [--iters 20000] [--device cuda]   # needs dataset-fashion-mnist
+    python benchmarks/recon_quality.py lite0  [--iters 20000] [--device cuda]
+
+fmnist: the timm ResNet-18 trained on Fashion-MNIST (`fashion_mnist.py train`, run first if its weights are missing);
+top-1 on the 10k test set for W8A8, W4A8, W4A4, W2A4 × {rtn, adaround, brecq, qdrop} × calibration on
+{real: 1024 training images, intraq: 1024 synthetic images, fdda: 1024 synthetic + one real image per class}.
+lite0: tf_efficientnet_lite0 (real ImageNet weights), zero-shot (intraq), W8A8, W4A8, W4A4 × {rtn, qdrop}; agreement,
+KL and logit SQNR against FP on the 66 sample photos.
+
+The bit convention is the project default (`qdrop`: first/last layer weights 8-bit). Synthetic sets are made with the
+product's resumable synthesizer and kept in the cache folder; every finished cell is written to the JSON at once and
+skipped when the command is rerun, so an interrupted run resumes. `--iters` sets iterations per unit (published:
+20,000); the JSON records it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ptq._io import write_json
+from ptq.config import Method, QuantConfig, ReconConfig, SynthConfig, SynthMethod
+from ptq.data import ImageFolder
+from ptq.eval.metrics import MetricSums
+from ptq.models import cache_dir, load_model
+from ptq.quant import calibrate, prepare
+from ptq.recon.run import reconstruct
+from ptq.synth import SyntheticSet, class_statistics, synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+METHODS = ("qdrop", "rtn", "brecq", "adaround")
+
+
+@torch.no_grad()
+def judge(qmodel, model, x, y, device, batch: int = 500) -> dict:
+    sums = MetricSums()
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch].to(device)
+        sums.update(qmodel(xb), None if y is None else y[i : i + batch].to(device), model(xb))
+    return sums.summary()
+
+
+def synthetic(model, name, data_config, method, num, batch, device, class_stats=None, iters_scale=1.0) -> torch.Tensor:
+    """A synthetic set made (or resumed, or reused) by the product's synthesizer in the cache folder."""
+    preset = SynthConfig(method=method)
+    config = SynthConfig(
+        method=method, num_images=num, batch_size=batch, iters=max(1, round(preset.iters * iters_scale))
+    )
+    folder = cache_dir() / "bench" / f"{name}-{method}-{num}-x{iters_scale}"
+    start = time.perf_counter()
+    synthesize(model, name, data_config, config, folder, device, class_stats)
+    images = SyntheticSet(folder).images
+    print(f"  {method}: {num} synthetic images in {folder} ({time.perf_counter() - start:.0f}s)", flush=True)
+    return images
+
+
+def cell(model, calib, w_bits, a_bits, method, iters, device, batch=32) -> tuple[torch.nn.Module, dict]:
+    config = QuantConfig(w_bits=w_bits, a_bits=a_bits)
+    batches = [calib[i : i + batch].to(device) for i in range(0, len(calib), batch)]
+    qmodel = calibrate(prepare(model, config, batches[0][:1]), batches, config)
+    info = {}
+    if method is not Method.RTN:
+        start = time.perf_counter()
+        summary = reconstruct(qmodel, batches, method, ReconConfig(iters=iters, batch_size=batch))
+        info = {"recon_seconds": round(time.perf_counter() - start, 1), "cache": summary["cache"]}
+    return qmodel, info
+
+
+def run_grid(result, out, model, sources, settings, methods, iters, device, x, y, fmt):
+    done = {(r["source"], r["w_bits"], r["a_bits"], r["method"]) for r in result["rows"]}
+    for w, a in settings:
+        for source, calib in sources.items():
+            for m in methods:
+                key = (source, w, a, m)
+                if key in done:
+                    continue
+                qmodel, info = cell(model, calib(), w, a, Method(m), iters, device)
+                summary = judge(qmodel, model, x, y, device)
+                result["rows"].append({"source": source, "w_bits": w, "a_bits": a, "method": m, **summary, **info})
+                write_json(out, result)
+                print(f"{source:7s} W{w}A{a} {m:9s} {fmt(summary)}  {info.get('recon_seconds', 0):.0f}s", flush=True)
+
+
+def lazy(make):
+    cached = []
+
+    def get():
+        if not cached:
+            cached.append(make())
+        return cached[0]
+
+    return get
+
+
+def run_fmnist(args, device, out, result):
+    import fashion_mnist as fm
+
+    path = fm.weights_path("resnet18")
+    if not path.is_file():
+        fm.train("resnet18", 8, str(device))
+    model, data_config = load_model("resnet18", checkpoint=path, device=device)
+    xtr, ytr = fm.load("train")
+    xte, yte = fm.load("t10k")
+    g = torch.Generator().manual_seed(0)
+    real = xtr[torch.randperm(len(ytr), generator=g)[:1024]]
+    one_per_class = torch.stack([xtr[(ytr == c).nonzero()[0, 0]] for c in range(10)])
+    result.setdefault("fp_top1", judge(model, model, xte, yte, device)["top1"])
+    print(f"FP top-1 {result['fp_top1']:.2f}%", flush=True)
+    name = "resnet18-fmnist"
+
+    def fdda():
+        stats = class_statistics(model, one_per_class.to(device), torch.arange(10, device=device))
+        images = synthetic(model, name, data_config, SynthMethod.FDDA, 1024, 128, device, stats, args.synth_scale)
+        return torch.cat([images, one_per_class])
+
+    sources = {
+        "intraq": lazy(lambda: synthetic(model, name, data_config, SynthMethod.INTRAQ, 1024, 128, device, None, args.synth_scale)),
+        "real": lambda: real,
+        "fdda": lazy(fdda),
+    }
+    sources = {k: v for k, v in sources.items() if k in args.sources.split(",")}
+    settings = [(4, 4), (2, 4), (4, 8), (8, 8)]
+    run_grid(
+        result, out, model, sources, settings, args.methods.split(","), args.iters, device, xte, yte,
+        lambda s: f"top-1 {s['top1']:6.2f}% (FP {result['fp_top1']:.2f})",
+    )  # fmt: skip
+
+
+def run_lite0(args, device, out, result):
+    model, data_config = load_model("tf_efficientnet_lite0", device=device)
+    photos = ImageFolder(ROOT / "data" / "samples", data_config)
+    x = torch.stack([photos[i][0] for i in range(len(photos))])
+    name = "tf_efficientnet_lite0"
+    sources = {
+        "intraq": lazy(lambda: synthetic(model, name, data_config, SynthMethod.INTRAQ, args.images, 32, device, None, args.synth_scale))
+    }
+    settings = [(4, 8), (4, 4), (8, 8)]
+    run_grid(
+        result, out, model, sources, settings, [m for m in args.methods.split(",") if m in ("rtn", "qdrop")],
+        args.iters, device, x, None, lambda s: f"agreement {s['agreement']:6.2f}%  KL {s['kl']:.4f}  SQNR {s['sqnr_db']:.2f} dB",
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["fmnist", "lite0"])
+    parser.add_argument("--iters", type=int, default=20000, help="Reconstruction iterations per unit.")
+    parser.add_argument("--images", type=int, default=256, help="lite0: synthetic calibration images.")
+    parser.add_argument("--synth-scale", type=float, default=1.0, help="Multiply the synthesis iterations.")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--sources", default="intraq,real,fdda")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    name = f"recon_quality_{args.which}_{args.iters}it_{device.type}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
+    result = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    result.update(
+        model=args.which, iters_per_unit=args.iters, synth_scale=args.synth_scale, torch=torch.__version__,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    )  # fmt: skip
+    (run_fmnist if args.which == "fmnist" else run_lite0)(args, device, out, result)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
