@@ -121,8 +121,11 @@ def run_fmnist(args, device, out, result):
         images = synthetic(model, name, data_config, SynthMethod.FDDA, 1024, 128, device, stats, args.synth_scale)
         return torch.cat([images, one_per_class])
 
+    def intraq():
+        return synthetic(model, name, data_config, SynthMethod.INTRAQ, 1024, 128, device, None, args.synth_scale)
+
     sources = {
-        "intraq": lazy(lambda: synthetic(model, name, data_config, SynthMethod.INTRAQ, 1024, 128, device, None, args.synth_scale)),
+        "intraq": lazy(intraq),
         "real": lambda: real,
         "fdda": lazy(fdda),
     }
@@ -139,14 +142,14 @@ def run_lite0(args, device, out, result):
     photos = ImageFolder(ROOT / "data" / "samples", data_config)
     x = torch.stack([photos[i][0] for i in range(len(photos))])
     name = "tf_efficientnet_lite0"
-    sources = {
-        "intraq": lazy(lambda: synthetic(model, name, data_config, SynthMethod.INTRAQ, args.images, 32, device, None, args.synth_scale))
-    }
-    settings = [(4, 8), (4, 4), (8, 8)]
-    run_grid(
-        result, out, model, sources, settings, [m for m in args.methods.split(",") if m in ("rtn", "qdrop")],
-        args.iters, device, x, None, lambda s: f"agreement {s['agreement']:6.2f}%  KL {s['kl']:.4f}  SQNR {s['sqnr_db']:.2f} dB",
-    )  # fmt: skip
+    def intraq():
+        return synthetic(model, name, data_config, SynthMethod.INTRAQ, args.images, 32, device, None, args.synth_scale)
+
+    def fmt(s):
+        return f"agreement {s['agreement']:6.2f}%  KL {s['kl']:.4f}  SQNR {s['sqnr_db']:.2f} dB"
+
+    methods = [m for m in args.methods.split(",") if m in ("rtn", "qdrop")]
+    run_grid(result, out, model, {"intraq": lazy(intraq)}, [(4, 8), (4, 4), (8, 8)], methods, args.iters, device, x, None, fmt)
 
 
 def main() -> None:

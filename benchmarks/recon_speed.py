@@ -98,7 +98,7 @@ def main() -> None:
         set_quant_state(qmodel, True, True)
         state = {k: v.clone() for k, v in qmodel.state_dict().items()}
 
-        def recon_run(n, unit=unit, data=data):
+        def recon_run(n, unit=unit, data=data, state=state):
             # the second pass of brecq counts as iterations too: time the rounding pass and the step pass alike
             reconstruct_unit(qmodel, unit, data, settings, iters=n, act_iters=n)
             qmodel.load_state_dict(state)
@@ -106,9 +106,10 @@ def main() -> None:
         passes = 2 if settings.act_steps.value == "second_pass" else 1
         step = per_iteration(recon_run, short, long, device) / passes
         rows.append({"unit": unit.name, "bare_ms": 1e3 * bare, "recon_ms": 1e3 * step, "ratio": step / bare})
-        print(f"{unit.name:24s} bare {1e3 * bare:8.2f} ms  recon {1e3 * step:8.2f} ms  ratio {step / bare:5.2f}", flush=True)
+        print(f"{unit.name:24s} bare {1e3 * bare:8.2f} ms  recon {1e3 * step:8.2f} ms  ratio {step / bare:5.2f}")
     total = sum(r["recon_ms"] for r in rows) / sum(r["bare_ms"] for r in rows)
     print(f"whole model: reconstruction iteration ÷ bare forward+backward = {total:.2f} (target ≤ 1.3)")
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {
         "model": args.model,
         "method": args.method,
@@ -116,7 +117,7 @@ def main() -> None:
         "a_bits": args.a_bits,
         "batch": args.batch,
         "resolution": list(size),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__,
         "ratio": round(total, 3),
         "units": rows,

@@ -205,7 +205,8 @@ def test_cache_plan_matches_what_is_collected_and_half_precision_halves_it(digit
     half_plan = plan_cache(units, 256, half, settings_for(Method.QDROP, half), torch.device("cpu"))
     assert half_plan.peak_bytes * 2 == plan.peak_bytes
     data = collect(qmodel, units[1], batches, dtype=torch.float16)
-    assert data.q_inputs.dtype == torch.float16 and data.batch(torch.arange(4), torch.device("cpu"))[0].dtype == torch.float32
+    assert data.q_inputs.dtype == torch.float16
+    assert data.batch(torch.arange(4), torch.device("cpu"))[0].dtype == torch.float32
     monkeypatch.setattr(run, "_host_available", lambda: plan.peak_bytes)  # too little memory left
     with pytest.raises(ReconError, match="cache_dtype=float16"):
         plan_cache(units, 256, config, settings_for(Method.QDROP, config), torch.device("cpu"))

@@ -68,7 +68,8 @@ class AdaRoundQuantizer(nn.Module):
 
     def _grid(self, h: torch.Tensor) -> torch.Tensor:
         qmin, qmax = qrange(self.bits)
-        return (torch.clamp(self.floor + h + self.zero_point, qmin, qmax) - self.zero_point) * self.scale.clamp(min=1e-8)
+        level = torch.clamp(self.floor + h + self.zero_point, qmin, qmax) - self.zero_point
+        return level * self.scale.clamp(min=1e-8)
 
     def forward(self, w: torch.Tensor | None = None) -> torch.Tensor:
         h = (self.v >= 0).float() if self.hard else rectified_sigmoid(self.v)  # σ(V) ≥ 0.5 ⇔ V ≥ 0 ⇔ h ≥ 0.5
