@@ -149,7 +149,8 @@ def run_lite0(args, device, out, result):
         return f"agreement {s['agreement']:6.2f}%  KL {s['kl']:.4f}  SQNR {s['sqnr_db']:.2f} dB"
 
     methods = [m for m in args.methods.split(",") if m in ("rtn", "qdrop")]
-    run_grid(result, out, model, {"intraq": lazy(intraq)}, [(4, 8), (4, 4), (8, 8)], methods, args.iters, device, x, None, fmt)
+    settings = [(4, 8), (4, 4), (8, 8)]
+    run_grid(result, out, model, {"intraq": lazy(intraq)}, settings, methods, args.iters, device, x, None, fmt)
 
 
 def main() -> None:
