@@ -142,6 +142,7 @@ def run_lite0(args, device, out, result):
     photos = ImageFolder(ROOT / "data" / "samples", data_config)
     x = torch.stack([photos[i][0] for i in range(len(photos))])
     name = "tf_efficientnet_lite0"
+
     def intraq():
         return synthetic(model, name, data_config, SynthMethod.INTRAQ, args.images, 32, device, None, args.synth_scale)
 

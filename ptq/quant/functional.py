@@ -128,6 +128,8 @@ class _ActFakeQuant(torch.autograd.Function):
         if coeff is not None:
             grad_s = torch.dot(grad.flatten(), coeff.flatten()).mul(ctx.grad_factor).reshape(ctx.scale_shape)
         return grad_x, grad_s, None, None, None, None, None
+
+
 def act_fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
