@@ -62,19 +62,20 @@ def synthetic(model, name, data_config, method, num, batch, device, class_stats=
     return images
 
 
-def cell(model, calib, w_bits, a_bits, method, iters, device, batch=32) -> tuple[torch.nn.Module, dict]:
+def cell(model, calib, w_bits, a_bits, method, recon, device) -> tuple[torch.nn.Module, dict]:
     config = QuantConfig(w_bits=w_bits, a_bits=a_bits)
+    batch = recon.batch_size
     batches = [calib[i : i + batch].to(device) for i in range(0, len(calib), batch)]
     qmodel = calibrate(prepare(model, config, batches[0][:1]), batches, config)
     info = {}
     if method is not Method.RTN:
         start = time.perf_counter()
-        summary = reconstruct(qmodel, batches, method, ReconConfig(iters=iters, batch_size=batch))
+        summary = reconstruct(qmodel, batches, method, recon)
         info = {"recon_seconds": round(time.perf_counter() - start, 1), "cache": summary["cache"]}
     return qmodel, info
 
 
-def run_grid(result, out, model, sources, settings, methods, iters, device, x, y, fmt):
+def run_grid(result, out, model, sources, settings, methods, recon, device, x, y, fmt):
     done = {(r["source"], r["w_bits"], r["a_bits"], r["method"]) for r in result["rows"]}
     for w, a in settings:
         for source, calib in sources.items():
@@ -82,11 +83,15 @@ def run_grid(result, out, model, sources, settings, methods, iters, device, x, y
                 key = (source, w, a, m)
                 if key in done:
                     continue
-                qmodel, info = cell(model, calib(), w, a, Method(m), iters, device)
+                qmodel, info = cell(model, calib(), w, a, Method(m), recon, device)
                 summary = judge(qmodel, model, x, y, device)
                 result["rows"].append({"source": source, "w_bits": w, "a_bits": a, "method": m, **summary, **info})
                 write_json(out, result)
                 print(f"{source:7s} W{w}A{a} {m:9s} {fmt(summary)}  {info.get('recon_seconds', 0):.0f}s", flush=True)
+
+
+def recon_config(args) -> ReconConfig:
+    return ReconConfig(iters=args.iters, batch_size=args.batch, lr=args.lr)
 
 
 def lazy(make):
@@ -132,7 +137,7 @@ def run_fmnist(args, device, out, result):
     sources = {k: v for k, v in sources.items() if k in args.sources.split(",")}
     settings = [(4, 4), (2, 4), (4, 8), (8, 8)]
     run_grid(
-        result, out, model, sources, settings, args.methods.split(","), args.iters, device, xte, yte,
+        result, out, model, sources, settings, args.methods.split(","), recon_config(args), device, xte, yte,
         lambda s: f"top-1 {s['top1']:6.2f}% (FP {result['fp_top1']:.2f})",
     )  # fmt: skip
 
@@ -151,13 +156,15 @@ def run_lite0(args, device, out, result):
 
     methods = [m for m in args.methods.split(",") if m in ("rtn", "qdrop")]
     settings = [(4, 8), (4, 4), (8, 8)]
-    run_grid(result, out, model, {"intraq": lazy(intraq)}, settings, methods, args.iters, device, x, None, fmt)
+    run_grid(result, out, model, {"intraq": lazy(intraq)}, settings, methods, recon_config(args), device, x, None, fmt)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["fmnist", "lite0"])
     parser.add_argument("--iters", type=int, default=20000, help="Reconstruction iterations per unit.")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the rounding variables (published: 1e-3).")
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=256, help="lite0: synthetic calibration images.")
     parser.add_argument("--synth-scale", type=float, default=1.0, help="Multiply the synthesis iterations.")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -167,11 +174,12 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    name = f"recon_quality_{args.which}_{args.iters}it_{device.type}.json"
+    name = f"recon_quality_{args.which}_{args.iters}it_lr{args.lr:g}_{device.type}.json"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     result = json.loads(out.read_text()) if out.is_file() else {"rows": []}
     result.update(
-        model=args.which, iters_per_unit=args.iters, synth_scale=args.synth_scale, torch=torch.__version__,
+        model=args.which, iters_per_unit=args.iters, lr=args.lr, batch=args.batch, synth_scale=args.synth_scale,
+        torch=torch.__version__,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     )  # fmt: skip
     (run_fmnist if args.which == "fmnist" else run_lite0)(args, device, out, result)

@@ -270,6 +270,13 @@ def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
     table.add_row("FP32 weights (MB)", _fmt(size["fp32_bytes"] / 1e6))
     table.add_row("packed checkpoint (MB)", _fmt(size["checkpoint_bytes"] / 1e6))
     table.add_row("size ratio", _fmt(size["ratio"], 3))
+    recon = report.get("reconstruction")
+    if recon:
+        cache = recon["cache"]
+        table.add_row(
+            "reconstruction cache",
+            f"{cache['placement']} {cache['dtype']}, {cache['peak_unit_mb']} MiB (all units: {cache['all_units_mb']})",
+        )
     stages = [k for k in ("load", "synthesize", "calibrate", "reconstruct", "evaluate") if k in report["timings_s"]]
     table.add_row(f"time: {' / '.join(stages)} (s)", " / ".join(_fmt(report["timings_s"][k]) for k in stages))
     console.print(table)

@@ -193,6 +193,9 @@ def reconstruct(
         "reconstruction cache: %s, %s, %.1f MiB for the largest unit (all units at once: %.1f MiB)",
         plan.store.type, plan.describe()["dtype"], plan.peak_bytes / 2**20, plan.naive_bytes / 2**20,
     )  # fmt: skip
+    if progress is not None:
+        d = plan.describe()
+        progress("reconstruct", 0, None, note=f"cache: {d['placement']} {d['dtype']}, {d['peak_unit_mb']} MiB per unit")
     fp = _fingerprint(method, config, units, batches)
     work = Path(work_dir) if work_dir is not None else None
     if work is not None:
