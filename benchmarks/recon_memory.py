@@ -27,6 +27,8 @@ from ptq.recon.engine import collect, reconstruct_unit
 from ptq.recon.run import plan_cache, reconstruct, settings_for, units_for
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import device_name, write_result  # noqa: E402
 
 
 def peak_mb(device: torch.device) -> float:
@@ -101,16 +103,13 @@ def main() -> None:
         "images": args.images,
         "batch": args.batch,
         "cache_dtype": args.cache_dtype,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "peak_measure": "torch max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "naive_over_ptq": round(ratio, 3),
         "rows": rows,
     }
     name = f"recon_memory_{args.model}_{args.images}img_{args.cache_dtype}_{device.type}.json"
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, name, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import torch
 from ptq._io import write_json
 from ptq.config import Method, QuantConfig, ReconConfig, SynthConfig, SynthMethod
 from ptq.data import ImageFolder
-from ptq.eval.metrics import MetricSums
 from ptq.models import cache_dir, load_model
 from ptq.quant import calibrate, prepare
 from ptq.recon.run import reconstruct
@@ -36,16 +35,9 @@ from ptq.synth import SyntheticSet, class_statistics, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from synth_quality import judge  # noqa: E402
+
 METHODS = ("qdrop", "rtn", "brecq", "adaround")
-
-
-@torch.no_grad()
-def judge(qmodel, model, x, y, device, batch: int = 500) -> dict:
-    sums = MetricSums()
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch].to(device)
-        sums.update(qmodel(xb), None if y is None else y[i : i + batch].to(device), model(xb))
-    return sums.summary()
 
 
 def synthetic(model, name, data_config, method, num, batch, device, class_stats=None, iters_scale=1.0) -> torch.Tensor:

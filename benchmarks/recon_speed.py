@@ -12,8 +12,7 @@ The total ratio weights units by their bare cost (it is the ratio of the whole r
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from ptq.recon.engine import collect, reconstruct_unit
 from ptq.recon.run import settings_for, units_for
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import device_name, write_result  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -109,7 +110,6 @@ def main() -> None:
         print(f"{unit.name:24s} bare {1e3 * bare:8.2f} ms  recon {1e3 * step:8.2f} ms  ratio {step / bare:5.2f}")
     total = sum(r["recon_ms"] for r in rows) / sum(r["bare_ms"] for r in rows)
     print(f"whole model: reconstruction iteration ÷ bare forward+backward = {total:.2f} (target ≤ 1.3)")
-    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     result = {
         "model": args.model,
         "method": args.method,
@@ -117,16 +117,13 @@ def main() -> None:
         "a_bits": args.a_bits,
         "batch": args.batch,
         "resolution": list(size),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "device": device_name(device),
         "torch": torch.__version__,
         "ratio": round(total, 3),
         "units": rows,
     }
     name = f"recon_speed_{args.model}_{args.method}_b{args.batch}_{device.type}.json"
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, name, args.out)
 
 
 if __name__ == "__main__":

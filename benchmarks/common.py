@@ -1,0 +1,26 @@
+"""What the benchmark scripts share: naming the device and writing a result JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def write_result(result: dict, name: str, out: str | None = None) -> Path:
+    """Write `result` to `out`, or to benchmarks/results/`name`; print and return the path."""
+    path = Path(out) if out else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
