@@ -210,3 +210,19 @@ def test_cache_plan_matches_what_is_collected_and_half_precision_halves_it(digit
     monkeypatch.setattr(run, "_host_available", lambda: plan.peak_bytes)  # too little memory left
     with pytest.raises(ReconError, match="cache_dtype=float16"):
         plan_cache(units, 256, config, settings_for(Method.QDROP, config), torch.device("cpu"))
+
+
+def test_method_defaults_follow_the_papers_and_config_overrides_them():
+    from ptq.config import ActSteps, Method, ReconConfig
+    from ptq.recon.run import has_depthwise, settings_for
+
+    qdrop, brecq = settings_for(Method.QDROP, ReconConfig()), settings_for(Method.BRECQ, ReconConfig())
+    ada = settings_for(Method.ADAROUND, ReconConfig())
+    assert (qdrop.act_steps, qdrop.act_lr, qdrop.keep_prob) == (ActSteps.JOINT, 4e-5, 0.5)
+    assert (brecq.act_steps, brecq.act_lr, brecq.act_iters, brecq.keep_prob) == (ActSteps.SECOND_PASS, 4e-4, 5000, 1.0)
+    assert (ada.act_steps, ada.keep_prob, ada.reg_weight, ada.weight_scale_lr) == (ActSteps.FIXED, 1.0, 0.01, None)
+    assert settings_for(Method.QDROP, ReconConfig(), depthwise=True).reg_weight == 0.1
+    custom = settings_for(Method.QDROP, ReconConfig(reg_weight=0.05, keep_prob=0.8, learn_weight_scale=True), True)
+    assert (custom.reg_weight, custom.keep_prob, custom.weight_scale_lr) == (0.05, 0.8, 1e-4)
+    dw = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.Conv2d(8, 4, 1))
+    assert has_depthwise(dw) and not has_depthwise(torch.nn.Sequential(torch.nn.Conv2d(8, 4, 3)))
