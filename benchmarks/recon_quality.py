@@ -46,7 +46,7 @@ def synthetic(model, name, data_config, method, num, batch, device, class_stats=
     config = SynthConfig(
         method=method, num_images=num, batch_size=batch, iters=max(1, round(preset.iters * iters_scale))
     )
-    folder = cache_dir() / "bench" / f"{name}-{method}-{num}-x{iters_scale}"
+    folder = cache_dir() / "bench" / f"{name}-{SynthMethod(method).value}-{num}-x{iters_scale}"
     start = time.perf_counter()
     synthesize(model, name, data_config, config, folder, device, class_stats)
     images = SyntheticSet(folder).images
