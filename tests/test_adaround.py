@@ -51,3 +51,15 @@ def test_beta_schedule_warms_up_then_anneals():
     assert beta_at(0, 100) is None and beta_at(19, 100) is None
     assert beta_at(20, 100) == 20.0
     assert abs(beta_at(99, 100) - 2.0) < 0.3
+
+
+def test_regulariser_reuses_the_forwards_h_only_while_v_is_unchanged():
+    from ptq.recon.adaround import rounding_regulariser
+
+    w, scale, zp = _setup()
+    q = AdaRoundQuantizer(w, scale, zp, 4)
+    q()
+    assert torch.equal(q.regulariser(5.0), rounding_regulariser(q.v, 5.0))
+    with torch.no_grad():
+        q.v.add_(0.3)  # as an optimiser step would
+    assert torch.equal(q.regulariser(5.0), rounding_regulariser(q.v, 5.0))

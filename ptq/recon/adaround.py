@@ -73,10 +73,15 @@ class AdaRoundQuantizer(nn.Module):
 
     def forward(self, w: torch.Tensor | None = None) -> torch.Tensor:
         h = (self.v >= 0).float() if self.hard else rectified_sigmoid(self.v)  # σ(V) ≥ 0.5 ⇔ V ≥ 0 ⇔ h ≥ 0.5
+        self._last = None if self.hard else (h, self.v._version)  # reused by the regulariser until V changes
         return self._grid(h)
 
     def regulariser(self, beta: float) -> torch.Tensor:
-        return rounding_regulariser(self.v, beta)
+        """Σ(1 − |2h(V) − 1|^β), reusing h(V) from the forward when V has not changed since (once per step)."""
+        last = getattr(self, "_last", None)
+        if last is None or last[1] != self.v._version:
+            return rounding_regulariser(self.v, beta)
+        return (1 - (2 * last[0] - 1).abs().pow(beta)).sum()
 
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
