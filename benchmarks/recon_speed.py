@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from ptq.config import Method, QuantConfig, ReconConfig
 from ptq.models import load_model
 from ptq.quant import calibrate, prepare
 from ptq.quant.modules import set_quant_state
-from ptq.recon.engine import collect, reconstruct_unit
+from ptq.recon.engine import collect, reconstruct_unit, total_iters
 from ptq.recon.run import settings_for, units_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def main() -> None:
             reconstruct_unit(qmodel, unit, data, settings, iters=n, act_iters=n)
             qmodel.load_state_dict(state)
 
-        passes = 2 if settings.act_steps.value == "second_pass" else 1
+        passes = total_iters(replace(settings, iters=1, act_iters=1), unit, qmodel)
         step = per_iteration(recon_run, short, long, device) / passes
         rows.append({"unit": unit.name, "bare_ms": 1e3 * bare, "recon_ms": 1e3 * step, "ratio": step / bare})
         print(f"{unit.name:24s} bare {1e3 * bare:8.2f} ms  recon {1e3 * step:8.2f} ms  ratio {step / bare:5.2f}")

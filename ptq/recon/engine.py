@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -159,14 +159,15 @@ def collect(
 def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Σ over channels of the (optionally weighted) squared error, averaged over the other dimensions."""
     err = (out - target).square()
-    if weight is not None:
-        err = err * weight
-    return err.sum(dim=1).mean() if err.ndim > 1 else err.mean()
+    return _channel_sum_mean(err if weight is None else err * weight)
 
 
 def lp_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
     """Σ over channels of |ẑ − z|^p, averaged over the other dimensions (BRECQ's activation pass)."""
-    err = (out - target).abs().pow(p)
+    return _channel_sum_mean((out - target).abs().pow(p))
+
+
+def _channel_sum_mean(err: torch.Tensor) -> torch.Tensor:
     return err.sum(dim=1).mean() if err.ndim > 1 else err.mean()
 
 
@@ -239,7 +240,7 @@ def reconstruct_unit(
 
     Afterwards its layers' weights are hard-rounded on their quantizers' grids (whose scales Genie-M may have
     changed) and its activation quantizers hold their learned steps."""
-    settings = Settings(**{**(settings or Settings()).__dict__, **kw})
+    settings = replace(settings or Settings(), **kw)
     module = unit.module(model)
     device = next(module.parameters()).device
     layers: list[QuantLayer] = [model.get_submodule(name) for name in unit.layers]
@@ -261,10 +262,6 @@ def reconstruct_unit(
             return rec, rec
         return rec + settings.reg_weight * sum(r.regulariser(beta) for r in rounders), rec
 
-    def rounding_step(it, rec):
-        if step is not None:
-            step(it, rec)
-
     diverged = False
     frozen = {p: p.requires_grad for p in module.parameters()}  # only the parts named below learn
     try:
@@ -281,7 +278,7 @@ def reconstruct_unit(
             groups.append({"params": [r.scale for r in rounders], "lr": settings.weight_scale_lr, "cosine": True})
         if settings.act_steps is ActSteps.JOINT and inner:
             groups.append({"params": [q.learn_scale() for q in inner], "lr": settings.act_lr, "cosine": True})
-        diverged = _optimise(module, data, groups, iters, settings, rounding_loss, settings.seed, rounding_step)
+        diverged = _optimise(module, data, groups, iters, settings, rounding_loss, settings.seed, step)
         for rounder in rounders:
             rounder.hard = True
         if second_pass and not diverged:

@@ -138,17 +138,21 @@ def _fingerprint(method: Method, config: ReconConfig, units: list[Unit], batches
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _unit_state(model: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
-    """What reconstruction changes in a unit: layer weights, weight scales, activation steps."""
-    state = {}
+def _unit_tensors(model: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
+    """What reconstruction changes in a unit, by checkpoint key: layer weights, weight scales, activation steps."""
+    tensors = {}
     for name in unit.layers:
         layer = model.get_submodule(name)
-        state[f"weight:{name}"] = layer.layer.weight
-        state[f"weight_scale:{name}"] = layer.weight_quantizer.scale
+        tensors[f"weight:{name}"] = layer.layer.weight
+        tensors[f"weight_scale:{name}"] = layer.weight_quantizer.scale
     for name, m in unit.module(model).named_modules():
         if isinstance(m, ActQuantizer):
-            state[f"act_scale:{unit.name}.{name}"] = m.scale
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            tensors[f"act_scale:{unit.name}.{name}"] = m.scale
+    return tensors
+
+
+def _unit_state(model: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in _unit_tensors(model, unit).items()}
 
 
 def _load_unit(path: Path, fp: str, model: nn.Module, unit: Unit) -> bool:
@@ -159,17 +163,12 @@ def _load_unit(path: Path, fp: str, model: nn.Module, unit: Unit) -> bool:
             saved = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError):
         return False
-    current = _unit_state(model, unit)
+    current = _unit_tensors(model, unit)
     if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
         return False
     with torch.no_grad():
-        for name in unit.layers:
-            layer = model.get_submodule(name)
-            layer.layer.weight.copy_(saved[f"weight:{name}"])
-            layer.weight_quantizer.scale.copy_(saved[f"weight_scale:{name}"])
-        for name, m in unit.module(model).named_modules():
-            if isinstance(m, ActQuantizer):
-                m.scale.copy_(saved[f"act_scale:{unit.name}.{name}"])
+        for key, tensor in current.items():
+            tensor.copy_(saved[key])
     return True
 
 
