@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,9 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ptq._io import OutputError, write_text
-from ptq.config import ConfigError, Method, SynthMethod, check_bits, load_recipe, recipe_names
+from ptq.config import HIGH_BITS, ConfigError, Method, SynthMethod, check_bits, load_recipe, recipe_names
 from ptq.data import DataError
 from ptq.export.checkpoint import CheckpointError
+from ptq.mixed.allocate import AllocationError
 from ptq.models import ModelLoadError
 from ptq.synth.synthesizer import SynthError
 
@@ -33,7 +35,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-USER_ERRORS = (ConfigError, ModelLoadError, DataError, OutputError, CheckpointError, SynthError)
+USER_ERRORS = (ConfigError, ModelLoadError, DataError, OutputError, CheckpointError, SynthError, AllocationError)
 
 
 def fail(message: str) -> None:
@@ -119,13 +121,28 @@ def _resolve_recipe(recipe: str, overrides: list[str] | None, flags: dict[str, A
     return load_recipe(recipe, sets)
 
 
-def _bit_flags(bits: int | None, w_bits: int | None, a_bits: int | None) -> dict[str, int | None]:
-    flags = {}
-    for key, own in (("w_bits", w_bits), ("a_bits", a_bits)):
-        value = own if own is not None else bits
-        if value is not None:
-            check_bits(value, "--" + key.replace("_", "-") if own is not None else "--bits")
-        flags[f"quant.{key}"] = value
+def _bit_flags(bits: str | None, w_bits: str | None, a_bits: int | None) -> dict[str, Any]:
+    """--bits N sets weights and activations; --bits auto (or --w-bits auto) chooses the weight width per layer and
+    leaves activations at the recipe's (8 by default)."""
+    flags: dict[str, Any] = {"quant.a_bits": a_bits}
+    if a_bits is not None:
+        check_bits(a_bits, "--a-bits")
+    for flag, value in (("--bits", bits), ("--w-bits", w_bits)):
+        if value is None:
+            continue
+        if value.lower() == "auto":
+            flags |= {"mixed.enabled": True, "quant.w_bits": HIGH_BITS}  # each layer's width comes from the budget
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            fail(f"{flag} takes a bit width from 2 to 8 or auto, got {value!r}")
+        check_bits(number, flag)
+        flags["quant.w_bits"] = number
+        if flag == "--bits" and a_bits is None:
+            flags["quant.a_bits"] = number
+        if flag == "--w-bits":
+            flags.pop("mixed.enabled", None)
     return flags
 
 
@@ -138,6 +155,14 @@ def _classes(value: str | None) -> str | None:
         fail(f"--classes expects comma-separated class indices, e.g. 1,207,980; got {value!r}")
 
 
+SizeBudgetOpt = Annotated[
+    str | None,
+    typer.Option("--size-budget", help="Bytes of the packed weights with their scales, e.g. 2.5MB or 900KiB."),
+]
+AvgBitsOpt = Annotated[float | None, typer.Option("--avg-bits", help="Average weight bits, e.g. 3.5.")]
+BopsBudgetOpt = Annotated[
+    str | None, typer.Option("--bops-budget", help="Bit operations per image (MACs × w bits × a bits), e.g. 5G.")
+]
 MethodOpt = Annotated[
     str | None, typer.Option("--synth-method", help=f"Synthesis method: {', '.join(m.value for m in SynthMethod)}.")
 ]
@@ -146,8 +171,11 @@ MethodOpt = Annotated[
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. tf_efficientnet_lite0 or resnet50.")],
-    bits: Annotated[int | None, typer.Option(help="Weight and activation bits (4 means W4A4).")] = None,
-    w_bits: Annotated[int | None, typer.Option("--w-bits", help="Weight bits (overrides --bits).")] = None,
+    bits: Annotated[
+        str | None,
+        typer.Option(help="Weight and activation bits (4 means W4A4); auto: weight bits per layer under a budget."),
+    ] = None,
+    w_bits: Annotated[str | None, typer.Option("--w-bits", help="Weight bits or auto (overrides --bits).")] = None,
     a_bits: Annotated[int | None, typer.Option("--a-bits", help="Activation bits (overrides --bits).")] = None,
     calib_data: Annotated[
         Path | None, typer.Option("--calib-data", help="Folder of calibration images (read recursively).")
@@ -174,6 +202,12 @@ def quantize(
     synth_data: Annotated[
         Path | None, typer.Option("--synth-data", help="Reuse (or make, resumably) the synthetic set in this folder.")
     ] = None,
+    size_budget: SizeBudgetOpt = None,
+    avg_bits: AvgBitsOpt = None,
+    bops_budget: BopsBudgetOpt = None,
+    sensitivity: Annotated[
+        Path | None, typer.Option(help="With --bits auto: reuse the table of `ptq sensitivity` (folder or JSON).")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out folder.")] = False,
 ) -> None:
@@ -185,20 +219,103 @@ def quantize(
     if not zero_shot and (synth_method or num_images or synth_data):
         fail("--synth-method, --num-images and --synth-data apply to --zero-shot runs only")
     with user_errors("nothing was written to --out; a synthetic set keeps its finished batches for a rerun"):
-        flags = _bit_flags(bits, w_bits, a_bits) | {
-            "method": method,
-            "synth.method": synth_method,
-            "synth.num_images": num_images,
-        }
+        flags = (
+            _bit_flags(bits, w_bits, a_bits)
+            | _budget_flags(size_budget, avg_bits, bops_budget)
+            | {
+                "method": method,
+                "synth.method": synth_method,
+                "synth.num_images": num_images,
+            }
+        )
         resolved = _resolve_recipe(recipe, overrides, flags)
-        q = resolved.quant
-        out = out or Path("runs") / f"{model}-w{q.w_bits}a{q.a_bits}"
+        q, mixed = resolved.quant, resolved.mixed
+        if mixed.enabled and mixed.size_budget is None and mixed.avg_bits is None and mixed.bops_budget is None:
+            fail("--bits auto needs a budget: --size-budget (e.g. 2.5MB) or --avg-bits (e.g. 3.5)")
+        if not mixed.enabled and (size_budget or avg_bits or bops_budget or sensitivity):
+            fail("--size-budget, --avg-bits, --bops-budget and --sensitivity apply to --bits auto (or --w-bits auto)")
+        out = out or Path("runs") / f"{model}-w{'auto' if mixed.enabled else q.w_bits}a{q.a_bits}"
         dev = check_device(device)
         with progress_bars() as progress:
             report = run_quantize(
-                model, resolved, calib_data, out, eval_data, checkpoint, dev, overwrite, progress, zero_shot, synth_data
-            )
+                model, resolved, calib_data, out, eval_data, checkpoint, dev, overwrite, progress, zero_shot,
+                synth_data, sensitivity,
+            )  # fmt: skip
     _print_quantize_report(report, out)
+
+
+@app.command("sensitivity")
+def sensitivity_command(
+    model: Annotated[str, typer.Argument(help="timm model name.")],
+    out: Annotated[Path, typer.Option(help="Folder for sensitivity.json, sensitivity.csv and sensitivity.png.")],
+    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="Folder of calibration images.")] = None,
+    zero_shot: Annotated[
+        bool, typer.Option("--zero-shot", help="Measure on images synthesized from the model's BN statistics.")
+    ] = False,
+    synth_method: MethodOpt = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", min=1, help="Calibration images to use.")] = None,
+    synth_data: Annotated[Path | None, typer.Option("--synth-data", help="Reuse (or make) this synthetic set.")] = None,
+    size_budget: SizeBudgetOpt = None,
+    avg_bits: AvgBitsOpt = None,
+    bops_budget: BopsBudgetOpt = None,
+    a_bits: Annotated[int | None, typer.Option("--a-bits", help="Activation bits (for BOPs; default 8).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Local weights (.safetensors or .pth).")] = None,
+    recipe: Annotated[str, typer.Option(help="Recipe name or YAML file (its quant and mixed sections).")] = "rtn",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty --out folder.")] = False,
+) -> None:
+    """Per-layer Hessian sensitivity to weight bits, the Pareto front of size vs predicted loss, and the best
+    allocation under a budget (default: 4 bits per weight on average)."""
+    from ptq.pipeline import sensitivity as run_sensitivity
+
+    if calib_data is None and not zero_shot:
+        fail("no calibration data: pass --calib-data DIR (a folder of images), or --zero-shot to synthesize it")
+    with user_errors():
+        flags = _budget_flags(size_budget, avg_bits, bops_budget) | {
+            "quant.a_bits": a_bits,
+            "synth.method": synth_method,
+            "synth.num_images": num_images if zero_shot else None,
+            "calib.num_images": num_images if not zero_shot else None,
+            "mixed.images": num_images,
+        }
+        resolved = _resolve_recipe(recipe, overrides, flags)
+        dev = check_device(device)
+        with progress_bars() as progress:
+            result = run_sensitivity(
+                model, resolved, calib_data, out, checkpoint, dev, overwrite, progress, zero_shot, synth_data
+            )
+    _print_sensitivity(result, out)
+
+
+def _budget_flags(size_budget: str | None, avg_bits: float | None, bops_budget: str | None) -> dict[str, Any]:
+    return {
+        "mixed.size_budget": size_budget and f"'{size_budget}'",
+        "mixed.avg_bits": avg_bits,
+        "mixed.bops_budget": bops_budget and f"'{bops_budget}'",
+    }
+
+
+def _print_sensitivity(result: dict[str, Any], out: Path) -> None:
+    table, chosen = result["table"], result["chosen"]
+    counts = _bit_counts(chosen["bits"])
+    view = Table(title=f"{table['model']}: weight-bit allocation ({table['images']} images, {table['probes']} probes)")
+    for name in ("allocation", "weight size (MB)", "average bits", "predicted KL", "GBOPs/image"):
+        view.add_column(name, justify="left" if name == "allocation" else "right")
+    rows = [(f"W{b} uniform", u) for b, u in result["uniform"].items()] + [("chosen (" + counts + ")", chosen)]
+    for label, a in rows:
+        view.add_row(
+            label, f"{a['weight_bytes'] / 1e6:.3f}", f"{a['avg_bits']:.2f}", f"{a['predicted_kl']:.3g}",
+            f"{a['bops'] / 1e9:.2f}",
+        )  # fmt: skip
+    console.print(view)
+    budget = ", ".join(f"{k} {v}" for k, v in result["budget"].items() if v is not None)
+    console.print(f"budget: {budget}; sensitivity pass {result['timings_s']['sensitivity']:.1f}s")
+    console.print(f"wrote {out}/ (sensitivity.json, sensitivity.csv, sensitivity.png, recipe.yaml)")
+
+
+def _bit_counts(bits: dict[str, int]) -> str:
+    return ", ".join(f"{n}×W{b}" for b, n in sorted(Counter(bits.values()).items()))
 
 
 @app.command()
@@ -270,6 +387,17 @@ def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
     table.add_row("FP32 weights (MB)", _fmt(size["fp32_bytes"] / 1e6))
     table.add_row("packed checkpoint (MB)", _fmt(size["checkpoint_bytes"] / 1e6))
     table.add_row("size ratio", _fmt(size["ratio"], 3))
+    mixed = report.get("mixed")
+    if mixed:
+        budget = mixed["budget"]
+        limit = [f"{budget['size_bytes'] / 1e6:.3f} MB"] if budget["size_bytes"] else []
+        limit += [f"{budget['avg_bits']:g} bits/weight"] if budget["avg_bits"] else []
+        limit += [f"{budget['bops'] / 1e9:.3g} GBOPs"] if budget["bops"] else []
+        table.add_row("weight bits per layer", _bit_counts(mixed["bits"]))
+        table.add_row(
+            "weights: MB / bits per weight (budget)",
+            f"{mixed['weight_bytes'] / 1e6:.3f} / {mixed['avg_bits']:.2f} ({', '.join(limit)})",
+        )
     recon = report.get("reconstruction")
     if recon:
         cache = recon["cache"]
@@ -277,17 +405,19 @@ def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
             "reconstruction cache",
             f"{cache['placement']} {cache['dtype']}, {cache['peak_unit_mb']} MiB (all units: {cache['all_units_mb']})",
         )
-    stages = [k for k in ("load", "synthesize", "calibrate", "reconstruct", "evaluate") if k in report["timings_s"]]
+    stages = ("load", "synthesize", "sensitivity", "calibrate", "reconstruct", "evaluate")
+    stages = [k for k in stages if k in report["timings_s"]]
     table.add_row(f"time: {' / '.join(stages)} (s)", " / ".join(_fmt(report["timings_s"][k]) for k in stages))
     console.print(table)
     if ev is None:
         console.print("no fidelity report: pass --eval-data DIR (real images) to compare with the FP model")
-    if report["method"] == "rtn" and report["w_bits"] < 8:
+    if report["method"] == "rtn" and (report["mixed"] or report["w_bits"] < 8):
         console.print(
             "note: round-to-nearest below 8-bit weights loses much accuracy on most networks; "
             "reconstruction recovers it: --method qdrop (or adaround, brecq)"
         )
-    console.print(f"wrote {out}/ (model.safetensors, quant_config.json, recipe.yaml, report.json)")
+    extra = ", sensitivity.json" if mixed else ""
+    console.print(f"wrote {out}/ (model.safetensors, quant_config.json, recipe.yaml, report.json{extra})")
 
 
 @app.command()

@@ -7,6 +7,7 @@ A resolved recipe is saved next to every output (`recipe.yaml`), tagged with its
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import yaml
 RECIPE_DIR = Path(__file__).parent / "recipes"
 RECIPE_VERSION = 1
 MIN_BITS, MAX_BITS = 2, 8
+HIGH_BITS = 8  # first/last layers under the brecq and qdrop conventions
 
 
 class ConfigError(ValueError):
@@ -262,6 +264,107 @@ class ReconConfig:
             raise ConfigError(f"recon.cache must be one of: auto, cpu, device (got {self.cache!r})")
 
 
+class LayerKind(str, Enum):
+    """Layer types that hardware limits on bit widths refer to (`mixed.kind_bits`)."""
+
+    CONV = "conv"  # dense k×k convolution, k > 1
+    POINTWISE = "pointwise"  # dense 1×1 convolution
+    DEPTHWISE = "depthwise"  # one filter per input channel
+    GROUPED = "grouped"  # other grouped convolutions
+    LINEAR = "linear"
+
+
+class TraceEstimator(str, Enum):
+    """How the per-layer Hessian trace is estimated (`ptq.mixed.sensitivity`)."""
+
+    HUTCHINSON = "hutchinson"  # Rademacher probes, Hessian-vector products by double backprop
+    FISHER = "fisher"  # squared gradients with labels drawn from the FP prediction (equal in expectation at FP)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _parse_amount(value: Any, units: dict[str, int], key: str, example: str) -> int | None:
+    if value is None:
+        return None
+    match = None if isinstance(value, bool) else re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    lookup = {u.upper(): factor for u, factor in units.items()}
+    unit = match.group(2).upper() if match else ""
+    try:
+        number = float(match.group(1)) if match and unit in lookup else 0.0
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):
+        allowed = ", ".join(u for u in units if u)
+        raise ConfigError(f"{key} must be a positive amount such as {example} (units: {allowed}), got {value!r}")
+    return int(number * lookup[unit])
+
+
+def parse_size(value: Any, key: str = "size budget") -> int | None:
+    """'2.5MB', '900KiB', '1.2e6' or a number → bytes (decimal MB = 10^6 bytes, MiB = 2^20)."""
+    return _parse_amount(value, _SIZE_UNITS, key, "2.5MB")
+
+
+def parse_count(value: Any, key: str = "BOPs budget") -> int | None:
+    """'5G', '300M' or a number → a count."""
+    return _parse_amount(value, _COUNT_UNITS, key, "5G")
+
+
+@dataclass
+class MixedConfig:
+    """Mixed-precision weights chosen under a budget (ALGORITHMS.md §4; `--bits auto`).
+
+    Sensitivity of layer i at b bits: Ω_i(b) = (Tr H_i / n_i)·||Q_b(W_i) − W_i||², the Hessian trace by Hutchinson's
+    estimator with `probes` Rademacher vectors per batch over the first `images` calibration images; bits per layer
+    by integer linear programming under `size_budget` (bytes of the packed weights with their scales and zero
+    points) or `avg_bits` (weight code bits per weight), and optionally `bops_budget` (bit operations per image).
+    `kind_bits` limits the widths per layer kind; under the qdrop/brecq convention first and last layers stay 8-bit."""
+
+    enabled: bool = False
+    w_candidates: list = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    kind_bits: dict = field(default_factory=dict)
+    size_budget: str | int | float | None = None
+    avg_bits: float | None = None
+    bops_budget: str | int | float | None = None
+    trace: TraceEstimator = TraceEstimator.HUTCHINSON
+    probes: int = 4
+    images: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        coerce_enums(self)
+        if not isinstance(self.w_candidates, list) or not self.w_candidates:
+            raise ConfigError(f"mixed.w_candidates must be a non-empty list of bit widths, got {self.w_candidates!r}")
+        for b in self.w_candidates:
+            check_bits(b, "every bit width in mixed.w_candidates")
+        self.w_candidates = sorted(set(self.w_candidates))
+        if not isinstance(self.kind_bits, dict):
+            raise ConfigError(f"mixed.kind_bits must map layer kinds to bit lists, got {self.kind_bits!r}")
+        kinds = {k.value for k in LayerKind}
+        for kind, allowed in self.kind_bits.items():
+            if kind not in kinds:
+                raise ConfigError(f"mixed.kind_bits: unknown layer kind {kind!r}; allowed: {', '.join(sorted(kinds))}")
+            if not isinstance(allowed, list) or not allowed:
+                raise ConfigError(f"mixed.kind_bits.{kind} must be a non-empty list of bit widths, got {allowed!r}")
+            for b in allowed:
+                check_bits(b, f"every bit width in mixed.kind_bits.{kind}")
+            if not set(allowed) & set(self.w_candidates):
+                raise ConfigError(
+                    f"mixed.kind_bits.{kind} {allowed} shares no width with mixed.w_candidates {self.w_candidates}"
+                )
+        parse_size(self.size_budget, "mixed.size_budget")
+        parse_count(self.bops_budget, "mixed.bops_budget")
+        if self.avg_bits is not None and (
+            isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float)) or not self.avg_bits > 0
+        ):
+            raise ConfigError(f"mixed.avg_bits must be a number > 0, got {self.avg_bits!r}")
+        for name in ("probes", "images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"mixed.{name} must be an integer ≥ 1, got {value!r}")
+
+
 @dataclass
 class Recipe:
     method: Method = Method.RTN
@@ -269,6 +372,7 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
+    mixed: MixedConfig = field(default_factory=MixedConfig)
 
     def __post_init__(self):
         coerce_enums(self)

@@ -7,10 +7,14 @@ when complete, so an interrupted run leaves no half-written `OUT`.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
+import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,8 +28,13 @@ from ptq.config import Method, Recipe, SynthMethod, dump_recipe
 from ptq.data import DataError, ImageFolder, calibration_set, image_batches, make_loader
 from ptq.eval.harness import run_metrics
 from ptq.export.checkpoint import WEIGHTS_FILE, fp32_weight_bytes, save_quantized
+from ptq.mixed import Allocation, Budget, SensitivityTable, allocate, apply_bits, measure_sensitivity, pareto_front
+from ptq.mixed.allocate import check_feasible, evaluate
+from ptq.mixed.plot import plot_sensitivity
+from ptq.mixed.sensitivity import describe_layers
 from ptq.models import cache_dir, load_model
 from ptq.quant import calibrate, prepare
+from ptq.quant.modules import quant_layers
 from ptq.quant.prepare import layer_bits
 from ptq.recon.run import reconstruct
 from ptq.synth import SynthError, SyntheticSet, class_statistics, synthesize
@@ -34,6 +43,7 @@ from ptq.synth.shards import META_FILE
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int | None], None]
+SENSITIVITY_FILE = "sensitivity.json"
 
 
 @contextmanager
@@ -80,6 +90,70 @@ def synthesize_set(
     return meta, real
 
 
+def calibration_data(
+    fp_model: nn.Module,
+    model_name: str,
+    data_config: dict,
+    recipe: Recipe,
+    calib_data: str | Path | None,
+    device: str | torch.device,
+    progress: Progress | None,
+    zero_shot: bool,
+    synth_data: str | Path | None,
+) -> tuple[Dataset, dict[str, Any] | None]:
+    """The calibration set: real images, or (zero-shot) a synthetic set that is reused from `synth_data` or the
+    cache when finished, else synthesized (resumably); with the synthetic set's metadata."""
+    if not zero_shot:
+        return calibration_set(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed), None
+    folder = Path(synth_data) if synth_data else default_synth_dir(model_name, data_config, recipe)
+    return _synthetic_calibration(fp_model, model_name, data_config, recipe, folder, calib_data, device, progress)
+
+
+def mixed_bits(
+    qmodel: nn.Module,
+    batches: Iterable[torch.Tensor],
+    model_name: str,
+    recipe: Recipe,
+    sensitivity_file: str | Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[SensitivityTable, Allocation]:
+    """`--bits auto`: measure (or read) per-layer sensitivity, allocate under the budget, set the widths on `qmodel`."""
+    budget = Budget.from_config(recipe.mixed)
+    if sensitivity_file is not None:
+        table = read_sensitivity(sensitivity_file, model_name, qmodel, recipe)
+    else:
+        table = measure_sensitivity(qmodel, batches, model_name, recipe.quant, recipe.mixed, progress)
+    allocation = allocate(table, budget)
+    apply_bits(qmodel, allocation.bits)
+    return table, allocation
+
+
+def read_sensitivity(path: str | Path, model_name: str, qmodel: nn.Module, recipe: Recipe) -> SensitivityTable:
+    """A table written by `ptq sensitivity` (its folder or its JSON), checked against the model and the recipe."""
+    path = Path(path)
+    path = path / SENSITIVITY_FILE if path.is_dir() else path
+    try:
+        table = SensitivityTable.from_dict(json.loads(path.read_text())["table"])
+    except FileNotFoundError:
+        raise DataError(f"--sensitivity {path} does not exist; point at a folder made by `ptq sensitivity`") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"--sensitivity {path} is not a sensitivity table ({e}); re-run `ptq sensitivity`") from None
+    if table.model != model_name or [layer.name for layer in table.layers] != list(quant_layers(qmodel)):
+        raise DataError(f"--sensitivity {path} was measured on {table.model}, not on {model_name} as prepared here")
+    # the widths allowed now (recipe, hardware limits) may differ from when the table was made
+    fresh = {layer.name: layer.allowed for layer in describe_layers(qmodel, recipe.mixed, recipe.quant.first_last_bits)}
+    for layer in table.layers:
+        missing = set(fresh[layer.name]) - set(layer.perturbation)
+        if missing:
+            raise DataError(
+                f"--sensitivity {path} lacks {sorted(missing)}-bit values for {layer.name}; re-run `ptq sensitivity` "
+                "with the same mixed.w_candidates"
+            )
+        layer.allowed = fresh[layer.name]
+    table.convention = recipe.quant.first_last_bits
+    return table
+
+
 def quantize(
     model_name: str,
     recipe: Recipe,
@@ -92,9 +166,11 @@ def quantize(
     progress: Progress | None = None,
     zero_shot: bool = False,
     synth_data: str | Path | None = None,
+    sensitivity_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """PTQ of a timm model calibrated on real images or (zero-shot) on synthesized ones: round-to-nearest, then, for
-    adaround/brecq/qdrop, reconstruction of every unit (resumable from `.OUT.recon/`)."""
+    adaround/brecq/qdrop, reconstruction of every unit (resumable from `.OUT.recon/`). With `recipe.mixed.enabled`
+    (`--bits auto`) the weight width of every layer is chosen under the budget before calibration."""
     check_output_dir(out, overwrite)  # fail before any work
     if not zero_shot and calib_data is None:
         raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
@@ -104,36 +180,41 @@ def quantize(
         fp_model, data_config = load_model(model_name, checkpoint=checkpoint, device=device)
         eval_folder = eval_data or calib_data
         evalset = ImageFolder(eval_folder, data_config) if eval_folder is not None else None
-        if not zero_shot:
-            calib = calibration_set(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed)
-    synth_meta = None
-    if zero_shot:
-        with _timed(timings, "synthesize"):
-            folder = Path(synth_data) if synth_data else default_synth_dir(model_name, data_config, recipe)
-            calib, synth_meta = _synthetic_calibration(
-                fp_model, model_name, data_config, recipe, folder, calib_data, device, progress
-            )
     with _timed(timings, "prepare"):
         example = torch.zeros((1, *data_config["input_size"]), device=device)
         qmodel = prepare(fp_model, q, example)
+    if recipe.mixed.enabled:  # an impossible budget fails before synthesis or the sensitivity pass
+        check_feasible(describe_layers(qmodel, recipe.mixed, q.first_last_bits), Budget.from_config(recipe.mixed))
+    with _timed(timings, "synthesize" if zero_shot else "load"):
+        calib, synth_meta = calibration_data(
+            fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data
+        )
+    loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
+    batches = _counted(image_batches(loader, device), len(loader))
+    if recipe.method is not Method.RTN or recipe.mixed.enabled:
+        batches = list(batches)  # used more than once: load and preprocess the images once
+    table = allocation = None
+    if recipe.mixed.enabled:
+        with _timed(timings, "sensitivity"):
+            table, allocation = mixed_bits(qmodel, batches, model_name, recipe, sensitivity_file, progress)
     with _timed(timings, "calibrate"):
-        loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
-        batches = _counted(image_batches(loader, device), len(loader))
-        if recipe.method is not Method.RTN:
-            batches = list(batches)  # reconstruction reuses them: load and preprocess the images once
         calibrate(qmodel, batches, q, progress)
     recon_summary = None
     work_dir = Path(out).parent / f".{Path(out).name}.recon"  # per-unit checkpoints: a rerun resumes
     if recipe.method is not Method.RTN:
         with _timed(timings, "reconstruct"):
             recon_summary = reconstruct(qmodel, batches, recipe.method, recipe.recon, work_dir, progress)
+    mixed = None
+    if allocation is not None:
+        mixed = {"budget": Budget.from_config(recipe.mixed).to_dict(), **allocation.to_dict()}
     report: dict[str, Any] = {
         "model": model_name,
         "weights": getattr(fp_model, "ptq_weights_source", None),
         "method": recipe.method.value,
-        "w_bits": q.w_bits,
+        "w_bits": "auto" if mixed else q.w_bits,
         "a_bits": q.a_bits,
         "bit_convention": q.first_last_bits.value,
+        "mixed": mixed,
         "calibration": {
             "data": "synthetic" if zero_shot else str(calib_data),
             "images": len(calib),
@@ -151,18 +232,95 @@ def quantize(
         report["evaluation"] = {"data": str(eval_folder), "images": sums.images, **sums.summary()}
         report["fp_evaluation"] = {"top1": fp_sums.summary()["top1"], "top5": fp_sums.summary()["top5"]}
     with _timed(timings, "save"), staged_dir(out, overwrite) as stage:
+        extra = {"mixed": mixed} if mixed else {}
         meta = save_quantized(
-            qmodel, stage, model_name, q, data_config, checkpoint=str(checkpoint) if checkpoint else None
+            qmodel, stage, model_name, q, data_config, checkpoint=str(checkpoint) if checkpoint else None, **extra
         )
         fp_bytes, q_bytes = fp32_weight_bytes(fp_model), (stage / WEIGHTS_FILE).stat().st_size
         report["size"] = {"fp32_bytes": fp_bytes, "checkpoint_bytes": q_bytes, "ratio": round(q_bytes / fp_bytes, 4)}
         report["layers"] = {"quantized": len(meta["layers"]), "bits": layer_bits(qmodel)}
         report["timings_s"] = timings
         write_text(stage / "recipe.yaml", dump_recipe(recipe))
+        if table is not None:
+            write_json(stage / SENSITIVITY_FILE, {"table": table.to_dict(), "chosen": allocation.to_dict()})
         write_json(stage / "report.json", report)
     report["timings_s"] = timings
     shutil.rmtree(work_dir, ignore_errors=True)  # the output is complete: checkpoints of units are no longer needed
     return report
+
+
+def sensitivity(
+    model_name: str,
+    recipe: Recipe,
+    calib_data: str | Path | None,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    zero_shot: bool = False,
+    synth_data: str | Path | None = None,
+) -> dict[str, Any]:
+    """Per-layer sensitivity table, the Pareto front of (weight size, predicted KL) and the optimum under the
+    budget (4 average bits when none is set), written to `out/` as sensitivity.json, sensitivity.csv and
+    sensitivity.png."""
+    check_output_dir(out, overwrite)
+    if not zero_shot and calib_data is None:
+        raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
+    timings: dict[str, float] = {}
+    mixed = recipe.mixed
+    if mixed.size_budget is None and mixed.avg_bits is None and mixed.bops_budget is None:
+        mixed = dataclasses.replace(mixed, avg_bits=4.0)
+    budget = Budget.from_config(mixed)
+    fp_model, data_config = load_model(model_name, checkpoint=checkpoint, device=device)
+    example = torch.zeros((1, *data_config["input_size"]), device=device)
+    qmodel = prepare(fp_model, recipe.quant, example)
+    check_feasible(describe_layers(qmodel, mixed, recipe.quant.first_last_bits), budget)
+    with _timed(timings, "synthesize" if zero_shot else "load"):
+        calib, synth_meta = calibration_data(
+            fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data
+        )
+    loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
+    batches = _counted(image_batches(loader, device), len(loader))
+    with _timed(timings, "sensitivity"):
+        table = measure_sensitivity(qmodel, batches, model_name, recipe.quant, recipe.mixed, progress)
+    with _timed(timings, "allocate"):
+        chosen = allocate(table, budget)
+        front = pareto_front(table)
+    result = {
+        "table": table.to_dict(),
+        "budget": budget.to_dict(),
+        "chosen": chosen.to_dict(),
+        "uniform": {b: evaluate(table, table.uniform_bits(b)).to_dict() for b in table.candidates},
+        "pareto_front": [{k: v for k, v in a.to_dict().items() if k != "bits"} for a in front],
+        "calibration": {"data": "synthetic" if zero_shot else str(calib_data), "images": table.images},
+        "synthetic": synth_meta,
+        "timings_s": timings,
+        "device": str(device),
+    }
+    with staged_dir(out, overwrite) as stage:
+        write_json(stage / SENSITIVITY_FILE, result)
+        write_text(stage / "sensitivity.csv", sensitivity_csv(table, chosen))
+        plot_sensitivity(table, front, chosen, stage / "sensitivity.png")
+        write_text(stage / "recipe.yaml", dump_recipe(recipe))
+    return result
+
+
+def sensitivity_csv(table: SensitivityTable, chosen: Allocation) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    widths = table.candidates
+    writer.writerow(
+        ["layer", "kind", "params", "channels", "macs", "in_bits", "trace", "chosen_bits"]
+        + [f"omega_w{b}" for b in widths]
+    )
+    for layer in table.layers:
+        writer.writerow(
+            [layer.name, layer.kind.value, layer.numel, layer.channels, layer.macs, layer.in_bits, f"{layer.trace:.6g}"]
+            + [chosen.bits[layer.name]]
+            + [f"{layer.omega(b):.6g}" if b in layer.perturbation else "" for b in widths]
+        )
+    return buffer.getvalue()
 
 
 def _synthetic_calibration(fp_model, model_name, data_config, recipe, folder, calib_data, device, progress):

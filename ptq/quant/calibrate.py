@@ -31,13 +31,18 @@ def _observer(config: QuantConfig, kind, granularity) -> Observer:
     return make_observer(kind, granularity, **kwargs)
 
 
+def weight_observer(config: QuantConfig) -> Observer:
+    granularity = PerChannel(0) if config.w_granularity is WeightGranularity.CHANNEL else PerTensor()
+    return _observer(config, config.w_observer.value, granularity)
+
+
 @torch.no_grad()
 def calibrate_weights(model: nn.Module, config: QuantConfig, progress: Progress | None = None) -> None:
-    granularity = PerChannel(0) if config.w_granularity is WeightGranularity.CHANNEL else PerTensor()
+    """Each layer's weight range at its own quantizer's width (which mixed precision may have set per layer)."""
     layers = list(quant_layers(model).values())
     for i, layer in enumerate(layers):
         q = layer.weight_quantizer
-        obs = _observer(config, config.w_observer.value, granularity)
+        obs = weight_observer(config)
         obs.observe(layer.weight)
         q.set_qparams(*obs.calculate_qparams(q.bits, config.w_symmetric))
         if progress is not None:

@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ptq.config import BitConvention, QuantConfig, WeightGranularity
+from ptq.config import HIGH_BITS, BitConvention, QuantConfig, WeightGranularity
 from ptq.quant._probe import example_input, hooked
 from ptq.quant.fold import fold_batchnorm, replace_module
 from ptq.quant.modules import ActQuantizer, OutputQuant, QuantLayer, act_quantizers, quant_layers, set_quant_state
-
-HIGH_BITS = 8
 
 
 def timm_classes(module: str, names: tuple[str, ...]) -> tuple[type, ...]:
