@@ -54,14 +54,15 @@ def quantized(model, batches, bits: dict[str, int] | int, a_bits: int = 8):
     return calibrate(qmodel, batches, config)
 
 
-def run(model, name, batches, x_eval, y_eval, device, fmt) -> dict:
+def run(model, name, batches, x_eval, y_eval, device, fmt, estimators, probes) -> dict:
     result = {"rows": [], "sensitivity": {}}
     reference = fwd_bwd_seconds(model, batches)
     probe = prepare(model, QuantConfig(), batches[0][:1])
     tables = {}
-    for estimator in TraceEstimator:
+    for estimator in estimators:
         start = time.perf_counter()
-        table = measure_sensitivity(probe, batches, name, QuantConfig(), MixedConfig(trace=estimator))
+        config = MixedConfig(trace=estimator, probes=probes)
+        table = measure_sensitivity(probe, batches, name, QuantConfig(), config)
         seconds = time.perf_counter() - start
         tables[estimator] = table
         result["sensitivity"][estimator.value] = {
@@ -79,8 +80,9 @@ def run(model, name, batches, x_eval, y_eval, device, fmt) -> dict:
             flush=True,
         )
     for b in (3, 4):
-        uniform_bits = tables[TraceEstimator.HUTCHINSON].uniform_bits(b)
-        budget = evaluate(tables[TraceEstimator.HUTCHINSON], uniform_bits).weight_bytes
+        first = next(iter(tables.values()))
+        uniform_bits = first.uniform_bits(b)
+        budget = evaluate(first, uniform_bits).weight_bytes
         rows = [(f"uniform W{b}", uniform_bits, None)]
         for estimator, table in tables.items():
             allocation = allocate(table, Budget(size_bytes=budget))
@@ -90,8 +92,8 @@ def run(model, name, batches, x_eval, y_eval, device, fmt) -> dict:
             row = {
                 "setting": label,
                 "budget_bytes": budget,
-                "weight_bytes": evaluate(tables[TraceEstimator.FISHER], bits).weight_bytes,
-                "avg_bits": round(evaluate(tables[TraceEstimator.FISHER], bits).avg_bits, 3),
+                "weight_bytes": evaluate(first, bits).weight_bytes,
+                "avg_bits": round(evaluate(first, bits).avg_bits, 3),
                 **summary,
             }
             if allocation is not None:
@@ -108,6 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["fmnist", "lite0"])
     parser.add_argument("--images", type=int, default=256, help="fmnist: calibration images.")
+    parser.add_argument("--estimators", default="fisher,hutchinson", help="Trace estimators to compare.")
+    parser.add_argument("--probes", type=int, default=MixedConfig().probes, help="Probes per batch.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -142,9 +146,12 @@ def main() -> None:
     batches = [calib[i : i + 32].to(device) for i in range(0, len(calib), 32)]
     fp = judge(model, model, x_eval, y_eval, device)
     print(f"FP: {fmt(fp)}", flush=True)
+    estimators = [TraceEstimator(e) for e in args.estimators.split(",")]
     result = {"model": args.which, "calibration_images": len(calib), "device": device_name(device), "fp": fp}
-    result |= run(model, args.which, batches, x_eval, y_eval, device, fmt)
-    write_result(result, f"mixed_quality_{args.which}_{device.type}.json", args.out)
+    result |= {"probes": args.probes}
+    result |= run(model, args.which, batches, x_eval, y_eval, device, fmt, estimators, args.probes)
+    tag = "" if args.probes == MixedConfig().probes else f"_{args.probes}probes"
+    write_result(result, f"mixed_quality_{args.which}{tag}_{device.type}.json", args.out)
 
 
 if __name__ == "__main__":

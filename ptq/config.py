@@ -315,8 +315,9 @@ def parse_count(value: Any, key: str = "BOPs budget") -> int | None:
 class MixedConfig:
     """Mixed-precision weights chosen under a budget (ALGORITHMS.md §4; `--bits auto`).
 
-    Sensitivity of layer i at b bits: Ω_i(b) = (Tr H_i / n_i)·||Q_b(W_i) − W_i||², the Hessian trace by Hutchinson's
-    estimator with `probes` Rademacher vectors per batch over the first `images` calibration images; bits per layer
+    Sensitivity of layer i at b bits: Ω_i(b) = (Tr H_i / n_i)·||Q_b(W_i) − W_i||², the Hessian trace estimated with
+    `probes` random draws per batch over the first `images` calibration images (`trace`: fisher, or hutchinson with
+    Rademacher vectors and double backprop); bits per layer
     by integer linear programming under `size_budget` (bytes of the packed weights with their scales and zero
     points) or `avg_bits` (weight code bits per weight), and optionally `bops_budget` (bit operations per image).
     `kind_bits` limits the widths per layer kind; under the qdrop/brecq convention first and last layers stay 8-bit."""
@@ -327,7 +328,7 @@ class MixedConfig:
     size_budget: str | int | float | None = None
     avg_bits: float | None = None
     bops_budget: str | int | float | None = None
-    trace: TraceEstimator = TraceEstimator.HUTCHINSON
+    trace: TraceEstimator = TraceEstimator.FISHER  # measured: as good or better allocations, 4.5× cheaper (README)
     probes: int = 4
     images: int = 256
     seed: int = 0

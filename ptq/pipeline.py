@@ -1,4 +1,6 @@
-"""The main job: load → (synthesize) → prepare → calibrate → compare with FP → write a packed checkpoint, atomically.
+"""The jobs behind the commands. `quantize`: load → prepare → (synthesize) → (sensitivity and bit allocation, for
+`--bits auto`) → calibrate → (reconstruct) → compare with FP → write a packed checkpoint, atomically. `sensitivity`:
+the per-layer table, Pareto front and plot only. `synthesize_set`: a synthetic calibration set in a folder.
 
 `OUT/` receives `model.safetensors` (packed integer weights), `quant_config.json`, `recipe.yaml` (resolved) and
 `report.json` (timings, sizes, fidelity). Everything is written into a staging folder first and moved into place only

@@ -159,7 +159,8 @@ def test_bits_auto_allocates_within_budget_and_round_trips(tmp_path, checkpoint,
     result = runner.invoke(
         app,
         ["sensitivity", "test_efficientnet", "--checkpoint", str(checkpoint), "--calib-data", str(photos),
-         "--out", str(sens), "--avg-bits", "3.5", "--device", "cpu", "--set", "mixed.probes=2", "--set", "quant.first_last_bits=all"],
+         "--out", str(sens), "--avg-bits", "3.5", "--device", "cpu", "--set", "mixed.probes=2",
+         "--set", "quant.first_last_bits=all"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in sens.iterdir()) == [

@@ -4,10 +4,15 @@
 
 H_i is the Hessian, w.r.t. layer i's n_i weights, of L = KL(p_FP ‖ p_W): the divergence of the network's prediction
 from the FP model's own (so no labels are needed and synthetic images serve). At the FP weights ∇L = 0 and H is the
-positive semi-definite Gauss-Newton matrix. Tr H_i comes from Hutchinson's estimator E_v[vᵀHv] with Rademacher v
-(entries ±1) and Hv by double backprop, ∇_W(∇_W L · v); one probe vector spans all layers at once, and v_iᵀ(Hv)_i
-estimates Tr H_ii because the cross terms vanish in expectation. Q_b is the layer's own weight quantizer (per-channel
-Lp search) at b bits. ½ Σ_i Ω_i(b_i) is the second-order prediction of the KL the whole allocation adds.
+positive semi-definite Gauss-Newton matrix, which for a softmax output is the Fisher information
+E_x E_{y∼p_FP(·|x)}[g gᵀ], g = ∇_W log p_y(x). Two estimators of Tr H_i:
+- `hutchinson`: E_v[vᵀHv] with Rademacher v (entries ±1) and Hv by double backprop, ∇_W(∇_W L · v); one probe vector
+  spans all layers at once, and v_iᵀ(Hv)_i estimates Tr H_ii because the cross-layer terms vanish in expectation —
+  but only in expectation: with few probes a small layer's estimate drowns in them.
+- `fisher` (default): ||∇_{W_i} Σ_n r_n log p_{y_n}(x_n)||² with y_n drawn from the FP prediction and random signs
+  r_n = ±1, whose expectation is Σ_n E_y||g_{n,i}||² = N·Tr H_i; one ordinary backward per probe, ≥ 0 per layer.
+Q_b is the layer's own weight quantizer (per-channel Lp search) at b bits. ½ Σ_i Ω_i(b_i) is the second-order
+prediction of the KL the whole allocation adds.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class SensitivityTable:
     layers: list[LayerSensitivity]
     images: int = 0
     probes: int = 0
-    estimator: TraceEstimator = TraceEstimator.HUTCHINSON
+    estimator: TraceEstimator = TraceEstimator.FISHER
     seconds: float = 0.0  # the whole pass
     trace_seconds: float = 0.0  # of which the Hessian traces (the rest: ||Q_b(W) − W||² for every width)
 
@@ -217,7 +222,7 @@ def hessian_traces(
     probes: int = 4,
     seed: int = 0,
     max_images: int | None = None,
-    estimator: TraceEstimator = TraceEstimator.HUTCHINSON,
+    estimator: TraceEstimator = TraceEstimator.FISHER,
     progress: Progress | None = None,
 ) -> tuple[dict[str, float], int]:
     """Average Hessian trace Tr H_i / n_i of KL(p_FP ‖ p_W) per quantized layer, and the number of images used.
