@@ -67,3 +67,13 @@ def random_bn_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
             m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
     return model.eval()
+
+
+def random_checkpoint(folder: Path, name: str) -> Path:
+    """Weights of a seeded random timm `name` with non-trivial BN statistics, saved as `folder/name.safetensors`."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = folder / f"{name}.safetensors"
+    save_file(random_bn_stats(timm.create_model(name)).state_dict(), str(path))
+    return path

@@ -3,10 +3,7 @@
 import json
 
 import pytest
-import timm
-import torch
-from conftest import random_bn_stats
-from safetensors.torch import save_file
+from conftest import random_checkpoint
 from typer.testing import CliRunner
 
 from ptq.cli import app
@@ -16,11 +13,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = random_bn_stats(timm.create_model("test_resnet"))
-    path = tmp_path_factory.mktemp("ckpt") / "test_resnet.safetensors"
-    save_file(model.state_dict(), str(path))
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt"), "test_resnet")
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +208,7 @@ def test_checkout_runner_works_without_installing():
 
 
 def test_quantized_output_whose_parent_is_gone_still_reports_what_it_can(tmp_path, few_photos):
-    torch.manual_seed(0)
-    ckpt = tmp_path / "parent.safetensors"
-    save_file(random_bn_stats(timm.create_model("test_resnet")).state_dict(), str(ckpt))
+    ckpt = random_checkpoint(tmp_path, "test_resnet")
     out = tmp_path / "q"
     assert _quantize("test_resnet", "--checkpoint", ckpt, "--calib-data", few_photos, "--out", out).exit_code == 0
     ckpt.unlink()

@@ -4,10 +4,9 @@ import itertools
 import json
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import random_bn_stats
+from conftest import random_checkpoint
 from torch import nn
 from typer.testing import CliRunner
 
@@ -145,13 +144,7 @@ def photos(tmp_path_factory, samples_dir):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = random_bn_stats(timm.create_model("test_efficientnet"))
-    path = tmp_path_factory.mktemp("ckpt") / "test_efficientnet.safetensors"
-    save_file(model.state_dict(), str(path))
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt"), "test_efficientnet")
 
 
 def test_bits_auto_allocates_within_budget_and_round_trips(tmp_path, checkpoint, photos):
