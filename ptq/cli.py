@@ -107,6 +107,9 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    from ptq._malloc import keep_freed_memory
+
+    keep_freed_memory()  # large CPU tensors reuse freed heap instead of page-faulting fresh memory
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",

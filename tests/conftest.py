@@ -8,6 +8,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PTQ_CACHE_DIR", tempfile.mkdtemp(prefix="ptq-test-cache-"))
 
 import pytest  # noqa: E402
+
+from ptq._malloc import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the command line does
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -106,15 +106,17 @@ class _ActFakeQuant(torch.autograd.Function):
         v = x / scale
         level = torch.round(v).clamp_(lo, hi)
         inside = (v >= lo).logical_and_(v <= hi)  # LSQ: clipping decided by x/s itself, not by its rounded value
+        # masks enter arithmetic as multipliers: on CPU `where`/`masked_fill_` cost several elementwise passes each
+        kept = keep.to(x.dtype) if keep is not None else None
         coeff = None
         if ctx.needs_input_grad[1]:
             coeff = torch.addcmul(level, v, inside, value=-1)  # level − (x/s inside the grid)
-            if keep is not None:
-                coeff.masked_fill_(keep.logical_not(), 0)
+            if kept is not None:
+                coeff.mul_(kept)
         del v
         out = level.mul_(scale)
-        if keep is not None:
-            out = torch.where(keep, out, x)
+        if kept is not None:
+            out = mix(x, out, kept)
             inside.logical_or_(keep.logical_not())
         ctx.save_for_backward(inside, coeff)
         ctx.grad_factor, ctx.scale_shape = grad_factor, scale.shape
@@ -128,6 +130,12 @@ class _ActFakeQuant(torch.autograd.Function):
         if coeff is not None:
             grad_s = torch.dot(grad.flatten(), coeff.flatten()).mul(ctx.grad_factor).reshape(ctx.scale_shape)
         return grad_x, grad_s, None, None, None, None, None
+
+
+def mix(fp: torch.Tensor, quantized: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """QDrop's element-wise choice: `quantized` where `kept` is 1, `fp` where it is 0 (a bool or 0/1 float mask).
+    `lerp` is exact at weights 0 and 1 and, on CPU, about 3× cheaper than `torch.where`."""
+    return torch.lerp(fp, quantized, kept if kept.is_floating_point() else kept.to(fp.dtype))
 
 
 def act_fake_quantize(
@@ -146,5 +154,5 @@ def act_fake_quantize(
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
         with torch.no_grad():
             out = torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
-            return out if keep is None else torch.where(keep, out, x)
+            return out if keep is None else mix(x, out, keep)
     return _ActFakeQuant.apply(x, scale, zero_point, qmin, qmax, keep, grad_factor)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptq.config import ActSteps
-from ptq.quant.functional import keep_mask
+from ptq.quant.functional import keep_mask, mix
 from ptq.quant.modules import ActQuantizer, QuantLayer, WeightQuantizer, set_quant_state
 from ptq.recon.adaround import AdaRoundQuantizer, beta_at
 from ptq.recon.units import Unit
@@ -215,7 +215,7 @@ def _optimise(
         for it in range(iters):
             idx = torch.randint(n, (min(settings.batch_size, n),), generator=g, device=data.q_inputs.device)
             x_q, x_fp, target, weight = data.batch(idx, device)
-            x = torch.where(keep_mask(x_q, keep_prob), x_q, x_fp) if x_fp is not None and keep_prob < 1 else x_q
+            x = mix(x_fp, x_q, keep_mask(x_q, keep_prob)) if x_fp is not None and keep_prob < 1 else x_q
             loss, rec = loss_fn(module(x), target, weight, it)
             if (it + 1) % CHECK_EVERY == 0 or it + 1 == iters or it == 0:  # one host sync per check
                 if not torch.isfinite(loss):
