@@ -59,6 +59,17 @@ def weights_path(model_name: str) -> Path:
     return WEIGHTS / f"fmnist_{model_name}.safetensors"
 
 
+def trained(device, model_name: str = "resnet18", epochs: int = 8) -> tuple[torch.nn.Module, dict]:
+    """The trained model through ptq's loader (as `--checkpoint` would load it) and its data config; trains it
+    first when its weights are missing."""
+    from ptq.models import load_model
+
+    path = weights_path(model_name)
+    if not path.is_file():
+        train(model_name, epochs, str(device))
+    return load_model(model_name, checkpoint=path, device=device)
+
+
 def build(model_name: str) -> torch.nn.Module:
     return timm.create_model(model_name, num_classes=10, in_chans=1)
 

@@ -120,10 +120,7 @@ def main() -> None:
     if args.which == "fmnist":
         import fashion_mnist as fm
 
-        path = fm.weights_path("resnet18")
-        if not path.is_file():
-            fm.train("resnet18", 8, str(device))
-        model, _ = load_model("resnet18", checkpoint=path, device=device)
+        model, _ = fm.trained(device)
         xtr, _ = fm.load("train")
         x_eval, y_eval = fm.load("t10k")
         calib = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[: args.images]]

@@ -100,10 +100,7 @@ def lazy(make):
 def run_fmnist(args, device, out, result):
     import fashion_mnist as fm
 
-    path = fm.weights_path("resnet18")
-    if not path.is_file():
-        fm.train("resnet18", 8, str(device))
-    model, data_config = load_model("resnet18", checkpoint=path, device=device)
+    model, data_config = fm.trained(device)
     xtr, ytr = fm.load("train")
     xte, yte = fm.load("t10k")
     g = torch.Generator().manual_seed(0)

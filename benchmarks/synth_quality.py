@@ -102,10 +102,7 @@ def run_lite0(device, iters_scale, batch, methods):
 def run_fmnist(device, iters_scale, batch, methods):
     import fashion_mnist as fm
 
-    path = fm.weights_path("resnet18")
-    if not path.is_file():
-        fm.train("resnet18", 8, device)
-    model, data_config = load_model("resnet18", checkpoint=path, device=device)
+    model, data_config = fm.trained(device)
     size = tuple(data_config["input_size"])
     xtr, ytr = fm.load("train")
     xte, yte = fm.load("t10k")
