@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ptq.export.packing import pack, unpack
@@ -59,7 +60,40 @@ def test_regulariser_reuses_the_forwards_h_only_while_v_is_unchanged():
     w, scale, zp = _setup()
     q = AdaRoundQuantizer(w, scale, zp, 4)
     q()
-    assert torch.equal(q.regulariser(5.0), rounding_regulariser(q.v, 5.0))
+    cached = q.regulariser(5.0)
+    assert torch.allclose(cached, rounding_regulariser(q.v, 5.0), rtol=1e-6)
     with torch.no_grad():
         q.v.add_(0.3)  # as an optimiser step would
-    assert torch.equal(q.regulariser(5.0), rounding_regulariser(q.v, 5.0))
+    stale = q.regulariser(5.0)
+    assert torch.allclose(stale, rounding_regulariser(q.v, 5.0), rtol=1e-6)
+    assert (stale - cached).abs() > 0.1  # the stale h was not used
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_fused_soft_weight_and_regulariser_match_the_formulas_and_their_autograd(learn_scale):
+    """Values and gradients (V and, for Genie-M, the scale) of the hand-written backward equal autograd's through
+    the plain formulas, clipped h and clipped grid levels included."""
+    from ptq.quant.functional import qrange
+    from ptq.recon.adaround import rounding_regulariser
+
+    w, scale, zp = _setup(bits=3)
+    q = AdaRoundQuantizer(w, scale, zp, 3, learn_scale=learn_scale)
+    with torch.no_grad():
+        q.v.copy_(torch.randn_like(q.v) * 4)  # many h clipped at 0 or 1, some levels pushed off the grid
+    g = torch.randn_like(w)
+    qmin, qmax = qrange(3)
+
+    def reference():
+        level = torch.clamp(q.floor + rectified_sigmoid(q.v) + q.zero_point, qmin, qmax) - q.zero_point
+        return level * q.scale.clamp(min=1e-8), rounding_regulariser(q.v, 7.0)
+
+    params = [q.v] + ([q.scale] if learn_scale else [])
+    w_ref, r_ref = reference()
+    want = torch.autograd.grad((w_ref * g).sum() + 0.3 * r_ref, params)
+    w_new = q()
+    r_new = q.regulariser(7.0)
+    got = torch.autograd.grad((w_new * g).sum() + 0.3 * r_new, params)
+    assert torch.equal(w_new, w_ref)
+    assert torch.allclose(r_new, r_ref, rtol=1e-6)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -39,6 +39,62 @@ def rounding_regulariser(v: torch.Tensor, beta: float) -> torch.Tensor:
     return (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
 
 
+def _soft_rounding(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h(V) and ∂h/∂V = (ζ − γ)·σ(V)(1 − σ(V)) where the rectification does not clip (0 ≤ h ≤ 1 inclusive, as
+    `torch.clamp`'s gradient), else 0."""
+    sig = torch.sigmoid(v)
+    h = sig * (ZETA - GAMMA) + GAMMA
+    dh = (h >= 0).logical_and_(h <= 1).to(v.dtype).mul_(sig).mul_(1 - sig).mul_(ZETA - GAMMA)
+    return h.clamp_(0, 1), dh
+
+
+class _SoftWeight(torch.autograd.Function):
+    """Ŵ(V) as one autograd node that keeps ∂Ŵ/∂V as a single tensor instead of every intermediate (AdaRound's
+    per-weight work dominates units with many weights and small activations):
+    ∂Ŵ/∂V = s·1[qmin ≤ ⌊W/s⌋ + h + z ≤ qmax]·∂h/∂V and, for a learned scale (Genie-M), ∂Ŵ/∂s = clamp(⌊W/s⌋ + h + z) − z
+    summed per channel. Also returns h(V) and ∂h/∂V (not differentiable) for the regulariser."""
+
+    @staticmethod
+    def forward(ctx, v, floor, scale, zero_point, qmin, qmax):
+        h, dh = _soft_rounding(v)
+        level = floor + h + zero_point
+        on_grid = (level >= qmin).logical_and_(level <= qmax)
+        coded = level.clamp_(qmin, qmax).sub_(zero_point)
+        step = scale.clamp(min=1e-8)
+        w = coded * step
+        dw = on_grid.to(v.dtype).mul_(dh).mul_(step)
+        learn = ctx.needs_input_grad[2]
+        ctx.save_for_backward(dw, coded if learn else None, scale if learn else None)
+        ctx.mark_non_differentiable(h, dh)
+        return w, h, dh
+
+    @staticmethod
+    def backward(ctx, grad, _h, _dh):
+        dw, coded, scale = ctx.saved_tensors
+        grad_v = grad * dw if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if coded is not None:
+            grad_s = (grad * coded).sum_to_size(scale.shape) * (scale >= 1e-8)
+        return grad_v, None, grad_s, None, None, None
+
+
+class _Regulariser(torch.autograd.Function):
+    """R = Σ(1 − |2h − 1|^β) from h(V) and ∂h/∂V, keeping ∂R/∂V = −2β|2h − 1|^(β−1)·sign(2h − 1)·∂h/∂V only."""
+
+    @staticmethod
+    def forward(ctx, v, h, dh, beta):
+        t = 2 * h - 1
+        a = t.abs()
+        a_pow = a.pow(beta - 1)  # one pow serves the value (a^β = a^(β−1)·a) and the gradient
+        ctx.save_for_backward(a_pow.mul(t.sign_()).mul_(dh).mul_(-2 * beta))
+        return a.numel() - a.mul_(a_pow).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dr,) = ctx.saved_tensors
+        return grad * dr, None, None, None
+
+
 def beta_at(step: int, total: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float | None:
     """β for `step` of `total`: None (no regulariser) during the warm-up, then linear from `start` to `end`."""
     first = int(warmup * total)
@@ -72,16 +128,23 @@ class AdaRoundQuantizer(nn.Module):
         return level * self.scale.clamp(min=1e-8)
 
     def forward(self, w: torch.Tensor | None = None) -> torch.Tensor:
-        h = (self.v >= 0).float() if self.hard else rectified_sigmoid(self.v)  # σ(V) ≥ 0.5 ⇔ V ≥ 0 ⇔ h ≥ 0.5
-        self._last = None if self.hard else (h, self.v._version)  # reused by the regulariser until V changes
-        return self._grid(h)
+        if self.hard:
+            self._last = None
+            return self._grid((self.v >= 0).float())  # σ(V) ≥ 0.5 ⇔ V ≥ 0 ⇔ h ≥ 0.5
+        qmin, qmax = qrange(self.bits)
+        w, h, dh = _SoftWeight.apply(self.v, self.floor, self.scale, self.zero_point, qmin, qmax)
+        self._last = (h, dh, self.v._version)  # reused by the regulariser until V changes
+        return w
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """Σ(1 − |2h(V) − 1|^β), reusing h(V) from the forward when V has not changed since (once per step)."""
         last = getattr(self, "_last", None)
-        if last is None or last[1] != self.v._version:
-            return rounding_regulariser(self.v, beta)
-        return (1 - (2 * last[0] - 1).abs().pow(beta)).sum()
+        if last is None or last[2] != self.v._version:
+            with torch.no_grad():
+                h, dh = _soft_rounding(self.v)
+        else:
+            h, dh = last[0], last[1]
+        return _Regulariser.apply(self.v, h, dh, beta)
 
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
