@@ -312,9 +312,16 @@ def _print_sensitivity(result: dict[str, Any], out: Path) -> None:
             f"{a['bops'] / 1e9:.2f}",
         )  # fmt: skip
     console.print(view)
-    budget = ", ".join(f"{k} {v}" for k, v in result["budget"].items() if v is not None)
-    console.print(f"budget: {budget}; sensitivity pass {result['timings_s']['sensitivity']:.1f}s")
+    seconds = result["timings_s"]["sensitivity"]
+    console.print(f"budget: {_budget_text(result['budget'])}; sensitivity pass {seconds:.1f}s")
     console.print(f"wrote {out}/ (sensitivity.json, sensitivity.csv, sensitivity.png, recipe.yaml)")
+
+
+def _budget_text(budget: dict[str, Any]) -> str:
+    parts = [f"{budget['size_bytes'] / 1e6:.3f} MB"] if budget["size_bytes"] else []
+    parts += [f"{budget['avg_bits']:g} bits/weight"] if budget["avg_bits"] else []
+    parts += [f"{budget['bops'] / 1e9:.3g} GBOPs"] if budget["bops"] else []
+    return ", ".join(parts)
 
 
 def _bit_counts(bits: dict[str, int]) -> str:
@@ -392,14 +399,10 @@ def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
     table.add_row("size ratio", _fmt(size["ratio"], 3))
     mixed = report.get("mixed")
     if mixed:
-        budget = mixed["budget"]
-        limit = [f"{budget['size_bytes'] / 1e6:.3f} MB"] if budget["size_bytes"] else []
-        limit += [f"{budget['avg_bits']:g} bits/weight"] if budget["avg_bits"] else []
-        limit += [f"{budget['bops'] / 1e9:.3g} GBOPs"] if budget["bops"] else []
         table.add_row("weight bits per layer", _bit_counts(mixed["bits"]))
         table.add_row(
             "weights: MB / bits per weight (budget)",
-            f"{mixed['weight_bytes'] / 1e6:.3f} / {mixed['avg_bits']:.2f} ({', '.join(limit)})",
+            f"{mixed['weight_bytes'] / 1e6:.3f} / {mixed['avg_bits']:.2f} ({_budget_text(mixed['budget'])})",
         )
     recon = report.get("reconstruction")
     if recon:
