@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from ptq._io import check_output_dir, staged_dir, write_json, write_text
 from ptq.config import Method, Recipe, SynthMethod, dump_recipe
@@ -108,7 +108,9 @@ def calibration_data(
     if not zero_shot:
         return calibration_set(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed), None
     folder = Path(synth_data) if synth_data else default_synth_dir(model_name, data_config, recipe)
-    return _synthetic_calibration(fp_model, model_name, data_config, recipe, folder, calib_data, device, progress)
+    return _synthetic_calibration(
+        fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, cached=synth_data is None
+    )
 
 
 def mixed_bits(
@@ -325,13 +327,20 @@ def sensitivity_csv(table: SensitivityTable, chosen: Allocation) -> str:
     return buffer.getvalue()
 
 
-def _synthetic_calibration(fp_model, model_name, data_config, recipe, folder, calib_data, device, progress):
-    """The calibration set of a zero-shot run: a finished set in `folder` reused as is, else synthesized (resumed)."""
+def _synthetic_calibration(
+    fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, cached: bool = False
+):
+    """The calibration set of a zero-shot run: a finished set in `folder` reused, else synthesized (resumed). A set
+    the user named (`--synth-data`) is used whole; the cache's set serves the first `synth.num_images` images and
+    is grown (its batches depend on the seed and batch index only) when it holds fewer."""
+    wanted = recipe.synth.num_images
     if (folder / META_FILE).is_file():
         try:
             synthetic = SyntheticSet(folder)
         except FileNotFoundError:
             synthetic = None  # unfinished or damaged: synthesize resumes it below
+        if synthetic is not None and cached and len(synthetic) < wanted:
+            synthetic = None  # too small: synthesize grows it below
         if synthetic is not None:
             made_for = (synthetic.meta.get("model"), list(synthetic.meta["data_config"]["input_size"]))
             if made_for != (model_name, list(data_config["input_size"])):
@@ -340,7 +349,10 @@ def _synthetic_calibration(fp_model, model_name, data_config, recipe, folder, ca
             real = None
             if recipe.synth.method is SynthMethod.FDDA and calib_data is not None:
                 real, _ = real_images(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed)
-            return _with_real(synthetic, real), {"folder": str(folder), **_brief(synthetic.meta)}
+            brief = {"folder": str(folder), **_brief(synthetic.meta)}
+            if cached and len(synthetic) > wanted:
+                synthetic, brief["num_images"] = Subset(synthetic, range(wanted)), wanted
+            return _with_real(synthetic, real), brief
     meta, real = synthesize_set(fp_model, model_name, data_config, recipe, folder, calib_data, device, False, progress)
     return _with_real(SyntheticSet(folder), real), {"folder": str(folder), **_brief(meta)}
 

@@ -252,3 +252,32 @@ def test_refused_synthesis_creates_no_folder(digits_model, tmp_path):
     with pytest.raises(SynthError):
         synthesize(digits_model, "test_resnet", DATA_CONFIG, SynthConfig(method="fdda"), tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_cached_synthetic_set_serves_the_requested_number_of_images(tmp_path, samples_dir, monkeypatch):
+    """Zero-shot runs without --synth-data share a cached set: a larger request grows it, a smaller one uses its
+    first images — never silently a different count."""
+    import json
+
+    from conftest import random_checkpoint
+
+    from ptq.cli import app
+
+    monkeypatch.setenv("PTQ_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = random_checkpoint(tmp_path, "test_efficientnet")
+
+    def images(n):
+        out = tmp_path / f"q{n}"
+        result = runner.invoke(
+            app,
+            ["quantize", "test_efficientnet", "--checkpoint", str(ckpt), "--bits", "8", "--zero-shot",
+             "--synth-method", "bns", "--num-images", str(n), "--set", "synth.iters=2", "--set", "synth.batch_size=4",
+             "--out", str(out), "--device", "cpu", "--overwrite"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "report.json").read_text())["calibration"]
+
+    assert images(4)["images"] == 4
+    grown = images(8)
+    assert grown["images"] == 8 and grown["synthetic"]["resumed_batches"] == 1
+    assert images(4)["images"] == 4
