@@ -233,7 +233,7 @@ def quantize(
         )
         resolved = _resolve_recipe(recipe, overrides, flags)
         q, mixed = resolved.quant, resolved.mixed
-        if mixed.enabled and mixed.size_budget is None and mixed.avg_bits is None and mixed.bops_budget is None:
+        if mixed.enabled and not mixed.has_budget:
             fail("--bits auto needs a budget: --size-budget (e.g. 2.5MB) or --avg-bits (e.g. 3.5)")
         if not mixed.enabled and (size_budget or avg_bits or bops_budget or sensitivity):
             fail("--size-budget, --avg-bits, --bops-budget and --sensitivity apply to --bits auto (or --w-bits auto)")

@@ -365,6 +365,10 @@ class MixedConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"mixed.{name} must be an integer ≥ 1, got {value!r}")
 
+    @property
+    def has_budget(self) -> bool:
+        return self.size_budget is not None or self.avg_bits is not None or self.bops_budget is not None
+
 
 @dataclass
 class Recipe:

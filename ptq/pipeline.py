@@ -118,11 +118,11 @@ def mixed_bits(
     batches: Iterable[torch.Tensor],
     model_name: str,
     recipe: Recipe,
+    budget: Budget,
     sensitivity_file: str | Path | None = None,
     progress: Progress | None = None,
 ) -> tuple[SensitivityTable, Allocation]:
     """`--bits auto`: measure (or read) per-layer sensitivity, allocate under the budget, set the widths on `qmodel`."""
-    budget = Budget.from_config(recipe.mixed)
     if sensitivity_file is not None:
         table = read_sensitivity(sensitivity_file, model_name, qmodel, recipe)
     else:
@@ -187,8 +187,9 @@ def quantize(
     with _timed(timings, "prepare"):
         example = torch.zeros((1, *data_config["input_size"]), device=device)
         qmodel = prepare(fp_model, q, example)
-    if recipe.mixed.enabled:  # an impossible budget fails before synthesis or the sensitivity pass
-        check_feasible(describe_layers(qmodel, recipe.mixed, q.first_last_bits), Budget.from_config(recipe.mixed))
+    budget = Budget.from_config(recipe.mixed) if recipe.mixed.enabled else None
+    if budget is not None:  # an impossible budget fails before synthesis or the sensitivity pass
+        check_feasible(describe_layers(qmodel, recipe.mixed, q.first_last_bits), budget)
     with _timed(timings, "synthesize" if zero_shot else "load"):
         calib, synth_meta = calibration_data(
             fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data
@@ -200,7 +201,7 @@ def quantize(
     table = allocation = None
     if recipe.mixed.enabled:
         with _timed(timings, "sensitivity"):
-            table, allocation = mixed_bits(qmodel, batches, model_name, recipe, sensitivity_file, progress)
+            table, allocation = mixed_bits(qmodel, batches, model_name, recipe, budget, sensitivity_file, progress)
     with _timed(timings, "calibrate"):
         calibrate(qmodel, batches, q, progress)
     recon_summary = None
@@ -210,7 +211,7 @@ def quantize(
             recon_summary = reconstruct(qmodel, batches, recipe.method, recipe.recon, work_dir, progress)
     mixed = None
     if allocation is not None:
-        mixed = {"budget": Budget.from_config(recipe.mixed).to_dict(), **allocation.to_dict()}
+        mixed = {"budget": budget.to_dict(), **allocation.to_dict()}
     report: dict[str, Any] = {
         "model": model_name,
         "weights": getattr(fp_model, "ptq_weights_source", None),
@@ -272,9 +273,7 @@ def sensitivity(
     if not zero_shot and calib_data is None:
         raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
     timings: dict[str, float] = {}
-    mixed = recipe.mixed
-    if mixed.size_budget is None and mixed.avg_bits is None and mixed.bops_budget is None:
-        mixed = dataclasses.replace(mixed, avg_bits=4.0)
+    mixed = recipe.mixed if recipe.mixed.has_budget else dataclasses.replace(recipe.mixed, avg_bits=4.0)
     budget = Budget.from_config(mixed)
     fp_model, data_config = load_model(model_name, checkpoint=checkpoint, device=device)
     example = torch.zeros((1, *data_config["input_size"]), device=device)

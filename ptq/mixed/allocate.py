@@ -83,6 +83,11 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 1e6:.4g} MB" if n >= 1e5 else f"{n / 1e3:.4g} KB"
 
 
+def _reachable(layers: list[LayerSensitivity], cost, pick=min) -> float:
+    """Σ over layers of the smallest (or, with `pick=max`, largest) `cost(layer, b)` among its allowed widths."""
+    return sum(pick(cost(layer, b) for b in layer.allowed) for layer in layers)
+
+
 def check_feasible(layers: list[LayerSensitivity], budget: Budget) -> None:
     """Raise `AllocationError` naming the smallest feasible budget when one budget alone cannot be met (needs only
     the layers' sizes and allowed widths, so it runs before any sensitivity is measured)."""
@@ -90,7 +95,7 @@ def check_feasible(layers: list[LayerSensitivity], budget: Budget) -> None:
     fixed = [layer.name for layer in layers if layer.allowed == [HIGH_BITS] and len(widths) > 1]
     limits = f"widths {widths}" + (f" ({', '.join(fixed)} fixed at {HIGH_BITS} bits)" if fixed else "")
     if budget.size_bytes is not None:
-        least = sum(min(layer.weight_bytes(b) for b in layer.allowed) for layer in layers)
+        least = _reachable(layers, LayerSensitivity.weight_bytes)
         if budget.size_bytes < least:
             raise AllocationError(
                 f"size budget {_fmt_bytes(budget.size_bytes)} is below the smallest weight size reachable with "
@@ -98,14 +103,14 @@ def check_feasible(layers: list[LayerSensitivity], budget: Budget) -> None:
             )
     if budget.avg_bits is not None:
         numel = sum(layer.numel for layer in layers)
-        least = sum(layer.numel * min(layer.allowed) for layer in layers) / numel
+        least = _reachable(layers, lambda layer, b: layer.numel * b) / numel
         if budget.avg_bits < least - 1e-12:
             raise AllocationError(
                 f"--avg-bits {budget.avg_bits:g} is below the smallest average reachable with {limits}: "
                 f"{math.ceil(least * 1e4) / 1e4:.4f}; raise --avg-bits to at least that"
             )
     if budget.bops is not None:
-        least = sum(min(layer.bops(b) for b in layer.allowed) for layer in layers)
+        least = _reachable(layers, LayerSensitivity.bops)
         if budget.bops < least:
             raise AllocationError(
                 f"BOPs budget {budget.bops / 1e9:.4g}G is below the smallest reachable with {limits}: "
@@ -154,8 +159,8 @@ def allocate(table: SensitivityTable, budget: Budget) -> Allocation:
 def pareto_front(table: SensitivityTable, points: int = 40) -> list[Allocation]:
     """Optimal allocations for `points` size budgets from the smallest to the largest reachable size."""
     layers = table.layers
-    least = sum(min(layer.weight_bytes(b) for b in layer.allowed) for layer in layers)
-    most = sum(max(layer.weight_bytes(b) for b in layer.allowed) for layer in layers)
+    least = _reachable(layers, LayerSensitivity.weight_bytes)
+    most = _reachable(layers, LayerSensitivity.weight_bytes, max)
     front: list[Allocation] = []
     for budget in np.linspace(least, most, points):
         allocation = allocate(table, Budget(size_bytes=int(budget)))

@@ -29,6 +29,7 @@ from torch import nn
 
 from ptq.config import HIGH_BITS, BitConvention, LayerKind, MixedConfig, QuantConfig, TraceEstimator
 from ptq.export.packing import packed_size
+from ptq.quant._probe import hooked
 from ptq.quant.calibrate import weight_observer
 from ptq.quant.functional import channel_view, fake_quantize
 from ptq.quant.modules import Quantizer, act_quantizers, quant_layers, set_quant_state
@@ -125,33 +126,24 @@ def describe_layers(model: nn.Module, config: MixedConfig, convention: BitConven
     """Shapes, kinds, MACs per image (one probe forward) and allowed widths of every quantized layer, in order."""
     layers = quant_layers(model)
     placement: Placement = model.quant_placement
-    macs: dict[str, int] = {}
-    in_bits: dict[str, int] = {}
     quantizers = act_quantizers(model)
+    macs: dict[str, int] = {}
 
-    def hook(name):
-        def record(module, args, output):
-            weight = module.layer.weight
-            macs[name] = (output.numel() // output.shape[0]) * (weight.numel() // weight.shape[0])
+    def record(name, module, x, y):
+        weight = module.layer.weight
+        macs[name] = (y.numel() // y.shape[0]) * (weight.numel() // weight.shape[0])
 
-        return record
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        with torch.no_grad():
-            example = torch.zeros((1, *model.quant_example_shape[1:]), device=next(model.parameters()).device)
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    example = torch.zeros((1, *model.quant_example_shape[1:]), device=next(model.parameters()).device)
+    with torch.no_grad(), hooked(layers.items(), post=record):
+        model(example)
     ends = set(placement.first_layers) | {placement.last_layer}
     table = []
     for name, layer in layers.items():
+        producer = placement.input_producer.get(name)
         if layer.input_quantizer is not None:
-            in_bits[name] = layer.input_quantizer.bits
+            in_bits = layer.input_quantizer.bits
         else:
-            producer = placement.input_producer.get(name)
-            in_bits[name] = quantizers[producer].bits if producer in quantizers else HIGH_BITS
+            in_bits = quantizers[producer].bits if producer in quantizers else HIGH_BITS  # the image: 8
         kind = layer_kind(layer.layer)
         table.append(
             LayerSensitivity(
@@ -160,7 +152,7 @@ def describe_layers(model: nn.Module, config: MixedConfig, convention: BitConven
                 numel=layer.weight.numel(),
                 channels=layer.weight_quantizer.scale.numel(),
                 macs=macs.get(name, 0),
-                in_bits=in_bits[name],
+                in_bits=in_bits,
                 allowed=allowed_bits(kind, config, name in ends, convention),
             )
         )
