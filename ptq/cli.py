@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import os
 import sys
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +21,11 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ptq import distributed
 from ptq._io import OutputError, write_text
 from ptq.config import HIGH_BITS, ConfigError, Method, SynthMethod, check_bits, load_recipe, recipe_names
 from ptq.data import DataError
+from ptq.distributed import DistributedError
 from ptq.export.checkpoint import CheckpointError
 from ptq.mixed.allocate import AllocationError
 from ptq.models import ModelLoadError
@@ -35,21 +40,56 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-USER_ERRORS = (ConfigError, ModelLoadError, DataError, OutputError, CheckpointError, SynthError, AllocationError)
+USER_ERRORS = (
+    DistributedError,
+    ConfigError,
+    ModelLoadError,
+    DataError,
+    OutputError,
+    CheckpointError,
+    SynthError,
+    AllocationError,
+)
 
 
-def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+def fail(message: str, shared: bool = False, code: int = 2) -> None:
+    """One line on stderr and a non-zero exit. Under torchrun a rank other than 0 names itself, and keeps quiet
+    about an error every rank shares (rank 0 reports it); torchrun's summary gets the message too."""
+    w = distributed.world()
+    shared = shared or not distributed.joined()  # before the ranks meet, every rank meets the same bad input
+    if w.distributed:
+        _record_for_torchrun(message)
+        message = f"rank {w.rank}: {message}" if not w.main else message
+    if not (shared and not w.main):
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=code)
+
+
+def _record_for_torchrun(message: str) -> None:
+    """torchrun prints a failed rank's error file (`TORCHELASTIC_ERROR_FILE`) in its summary."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        data = {
+            "message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+        }
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps(data))
 
 
 @contextmanager
 def user_errors(on_interrupt: str = "nothing was written to the output folder"):
     """Turn the library's input errors into a one-line message and a non-zero exit."""
+    import torch.distributed as dist
+
     try:
         yield
     except USER_ERRORS as e:
-        fail(str(e))
+        fail(str(e), shared=getattr(e, "shared", False))
+    except dist.DistError as e:  # another rank died or timed out: torchrun reports that rank's error
+        fail(
+            f"lost contact with the other ranks ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+            code=1,
+        )
     except KeyboardInterrupt:
         err_console.print(f"[yellow]interrupted[/]: {on_interrupt}")
         raise typer.Exit(code=130) from None
@@ -67,6 +107,9 @@ def progress_bars():
         TimeRemainingColumn(),
         TextColumn("{task.fields[note]}"),
     )
+    if not distributed.world().main:  # under torchrun, rank 0 shows its progress
+        yield lambda *args, **kwargs: None
+        return
     with Progress(*columns, console=err_console, transient=False) as bars:
         tasks: dict[str, Any] = {}
 
@@ -97,6 +140,16 @@ def check_device(device: str | None) -> str:
     return device
 
 
+def start(device: str | None) -> str:
+    """The device to run on, checked; under torchrun this rank's (`cuda` → `cuda:LOCAL_RANK`), with the process
+    group joined. Ranks other than 0 print nothing but errors."""
+    dev = check_device(device)
+    w, dev = distributed.setup(dev)
+    if not w.main:
+        console.quiet = True
+    return str(dev)
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "—"
@@ -110,9 +163,10 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pr
     from ptq._malloc import keep_freed_memory
 
     keep_freed_memory()  # large CPU tensors reuse freed heap instead of page-faulting fresh memory
+    w = distributed.world()
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
+        level=logging.INFO if verbose and w.main else logging.WARNING,
+        format=f"rank {w.rank}: %(message)s" if w.distributed and not w.main else "%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
     )
 
@@ -238,7 +292,7 @@ def quantize(
         if not mixed.enabled and (size_budget or avg_bits or bops_budget or sensitivity):
             fail("--size-budget, --avg-bits, --bops-budget and --sensitivity apply to --bits auto (or --w-bits auto)")
         out = out or Path("runs") / f"{model}-w{'auto' if mixed.enabled else q.w_bits}a{q.a_bits}"
-        dev = check_device(device)
+        dev = start(device)
         with progress_bars() as progress:
             report = run_quantize(
                 model, resolved, calib_data, out, eval_data, checkpoint, dev, overwrite, progress, zero_shot,
@@ -283,7 +337,7 @@ def sensitivity_command(
             "mixed.images": num_images,
         }
         resolved = _resolve_recipe(recipe, overrides, flags)
-        dev = check_device(device)
+        dev = start(device)
         with progress_bars() as progress:
             result = run_sensitivity(
                 model, resolved, calib_data, out, checkpoint, dev, overwrite, progress, zero_shot, synth_data
@@ -365,9 +419,10 @@ def synthesize(
     }
     with user_errors("finished batches are kept; rerun the same command to resume"):
         resolved = _resolve_recipe(recipe, overrides, flags)
-        dev = check_device(device)
+        dev = start(device)
         fp_model, data_config = load_model(model, checkpoint=checkpoint, device=dev)
-        check_synth_dir(out, synth_fingerprint(model, data_config, resolved.synth), overwrite)  # before any work
+        fp = synth_fingerprint(model, data_config, resolved.synth)
+        distributed.on_main(check_synth_dir, out, fp, overwrite)  # before any work
         with progress_bars() as progress:
             meta, _ = synthesize_set(fp_model, model, data_config, resolved, out, calib_data, dev, overwrite, progress)
     last = meta["batch_losses"][-1] if meta["batch_losses"] else {}
@@ -448,10 +503,10 @@ def evaluate(
         if out.exists() and not overwrite:
             fail(f"--out {out} already exists; choose another file or pass --overwrite")
     with user_errors():
-        dev = check_device(device)
+        dev = start(device)
         with progress_bars() as progress:
             rows = run_evaluate(models, data, batch_size, dev, workers, progress)
-        if out is not None:
+        if out is not None and distributed.world().main:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_text(out, _serialise(rows, out.suffix, FIELDS))
     columns = ("model", "kind", "top1", "top5", "agreement", "kl", "sqnr_db", "images", "seconds")
@@ -484,7 +539,10 @@ def _serialise(rows: list[dict[str, Any]], suffix: str, fields: tuple[str, ...])
 
 
 def main() -> None:
-    app(prog_name="ptq")
+    try:
+        app(prog_name="ptq")
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

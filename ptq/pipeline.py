@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
+from ptq import distributed
 from ptq._io import check_output_dir, staged_dir, write_json, write_text
-from ptq.config import Method, Recipe, SynthMethod, dump_recipe
+from ptq.config import ConfigError, Method, Recipe, SynthMethod, dump_recipe
 from ptq.data import DataError, ImageFolder, calibration_set, image_batches, make_loader
 from ptq.eval.harness import run_metrics
 from ptq.export.checkpoint import WEIGHTS_FILE, fp32_weight_bytes, save_quantized
@@ -127,7 +128,7 @@ def mixed_bits(
         table = read_sensitivity(sensitivity_file, model_name, qmodel, recipe)
     else:
         table = measure_sensitivity(qmodel, batches, model_name, recipe.quant, recipe.mixed, progress)
-    allocation = allocate(table, budget)
+    allocation = distributed.broadcast_object(allocate(table, budget))  # one allocation, whatever the ranks measured
     apply_bits(qmodel, allocation.bits)
     return table, allocation
 
@@ -175,7 +176,7 @@ def quantize(
     """PTQ of a timm model calibrated on real images or (zero-shot) on synthesized ones: round-to-nearest, then, for
     adaround/brecq/qdrop, reconstruction of every unit (resumable from `.OUT.recon/`). With `recipe.mixed.enabled`
     (`--bits auto`) the weight width of every layer is chosen under the budget before calibration."""
-    check_output_dir(out, overwrite)  # fail before any work
+    distributed.on_main(check_output_dir, out, overwrite)  # fail before any work
     if not zero_shot and calib_data is None:
         raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
     timings: dict[str, float] = {}
@@ -204,9 +205,11 @@ def quantize(
             table, allocation = mixed_bits(qmodel, batches, model_name, recipe, budget, sensitivity_file, progress)
     with _timed(timings, "calibrate"):
         calibrate(qmodel, batches, q, progress)
+        distributed.broadcast_(qmodel.state_dict().values())  # every rank calibrated on all images: keep rank 0's
     recon_summary = None
     work_dir = Path(out).parent / f".{Path(out).name}.recon"  # per-unit checkpoints: a rerun resumes
     if recipe.method is not Method.RTN:
+        batches = _share(batches)  # data-parallel: each rank reconstructs on its share of the images
         with _timed(timings, "reconstruct"):
             recon_summary = reconstruct(qmodel, batches, recipe.method, recipe.recon, work_dir, progress)
     mixed = None
@@ -229,13 +232,18 @@ def quantize(
         "evaluation": None,
         "fp_evaluation": None,
         "device": str(device),
+        "processes": distributed.world().size,
     }
     if evalset is not None:
         with _timed(timings, "evaluate"):
-            eval_loader = make_loader(evalset, recipe.calib.batch_size, recipe.calib.workers, device)
-            sums, fp_sums = run_metrics(qmodel, eval_loader, device, fp_model, progress, "compare with FP")
+            sums, fp_sums = run_metrics(
+                qmodel, evalset, recipe.calib.batch_size, device, fp_model, recipe.calib.workers, progress,
+                "compare with FP",
+            )  # fmt: skip
         report["evaluation"] = {"data": str(eval_folder), "images": sums.images, **sums.summary()}
         report["fp_evaluation"] = {"top1": fp_sums.summary()["top1"], "top5": fp_sums.summary()["top5"]}
+    if not distributed.world().main:  # rank 0 writes the output and returns its report to every rank
+        return distributed.broadcast_object(None)
     with _timed(timings, "save"), staged_dir(out, overwrite) as stage:
         extra = {"mixed": mixed} if mixed else {}
         meta = save_quantized(
@@ -251,7 +259,7 @@ def quantize(
         write_json(stage / "report.json", report)
     report["timings_s"] = timings
     shutil.rmtree(work_dir, ignore_errors=True)  # the output is complete: checkpoints of units are no longer needed
-    return report
+    return distributed.broadcast_object(report)
 
 
 def sensitivity(
@@ -269,7 +277,7 @@ def sensitivity(
     """Per-layer sensitivity table, the Pareto front of (weight size, predicted KL) and the optimum under the
     budget (4 average bits when none is set), written to `out/` as sensitivity.json, sensitivity.csv and
     sensitivity.png."""
-    check_output_dir(out, overwrite)
+    distributed.on_main(check_output_dir, out, overwrite)
     if not zero_shot and calib_data is None:
         raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
     timings: dict[str, float] = {}
@@ -301,12 +309,14 @@ def sensitivity(
         "timings_s": timings,
         "device": str(device),
     }
+    if not distributed.world().main:  # every rank measured the same table; rank 0 writes it
+        return distributed.broadcast_object(None)
     with staged_dir(out, overwrite) as stage:
         write_json(stage / SENSITIVITY_FILE, result)
         write_text(stage / "sensitivity.csv", sensitivity_csv(table, chosen))
         plot_sensitivity(table, front, chosen, stage / "sensitivity.png")
         write_text(stage / "recipe.yaml", dump_recipe(recipe))
-    return result
+    return distributed.broadcast_object(result)
 
 
 def sensitivity_csv(table: SensitivityTable, chosen: Allocation) -> str:
@@ -365,6 +375,20 @@ def _with_real(synthetic: Dataset, real: torch.Tensor | None) -> Dataset:
 
 def _brief(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta.get(k) for k in ("method", "num_images", "fingerprint", "seconds", "resumed_batches")}
+
+
+def _share(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's contiguous share of the calibration images (all of them for one process), as batches of the
+    same size, copied so that the rest can be freed."""
+    w = distributed.world()
+    if not w.distributed:
+        return batches
+    images = torch.cat(batches)
+    if images.shape[0] < w.size:
+        raise ConfigError(f"{images.shape[0]} calibration images cannot be shared by {w.size} processes; use more")
+    mine = w.shard(images.shape[0])
+    size = batches[0].shape[0]
+    return [images[i : min(i + size, mine.stop)].clone() for i in range(mine.start, mine.stop, size)]
 
 
 def _counted(iterable, n: int):

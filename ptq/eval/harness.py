@@ -4,6 +4,9 @@ Each model is evaluated with its own timm data config. A quantized output folder
 (agreement, KL, logit SQNR — no labels needed); with labels, top-1/top-5 are reported too. Wildcards expand over
 timm's model names. A model that fails is recorded with its error and the run goes on (as timm's validate.py
 does); on out-of-memory the batch size is halved and the model retried.
+
+Metrics are kept per batch and summed in batch order, so a run under torchrun — whole models shared out across
+ranks, or one model's batches — gives exactly the numbers of one process.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
+from ptq import distributed
 from ptq.data import ImageFolder, find_images, make_loader
 from ptq.eval.metrics import MetricSums
 from ptq.export.checkpoint import CONFIG_FILE, data_config_from, load_quantized, read_quant_config
@@ -41,28 +46,67 @@ def expand_specs(specs: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def run_metrics(
+def batch_metrics(
     model: nn.Module,
     loader,
     device: torch.device | str,
     fp_model: nn.Module | None = None,
     progress: Progress | None = None,
     label: str = "",
-) -> tuple[MetricSums, MetricSums | None]:
-    """Metrics of `model` (against labels and, if given, `fp_model`) and of `fp_model` against labels."""
-    sums, fp_sums = MetricSums(), (MetricSums() if fp_model is not None else None)
+) -> list[tuple[MetricSums, MetricSums | None]]:
+    """Per batch: the metrics of `model` (against labels and, if given, `fp_model`) and of `fp_model` against labels."""
+    parts = []
     total = len(loader) if hasattr(loader, "__len__") else None
     for i, (images, labels) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         logits = model(images)
         fp_logits = fp_model(images) if fp_model is not None else None
         labels = labels.to(logits.device)
+        sums, fp_sums = MetricSums(), (MetricSums() if fp_model is not None else None)
         sums.update(logits, labels, fp_logits)
         if fp_sums is not None:
             fp_sums.update(fp_logits, labels)
+        parts.append((sums, fp_sums))
         if progress is not None:
             progress(label, i + 1, total)
+    return parts
+
+
+def fold(parts: list[tuple[MetricSums, MetricSums | None]]) -> tuple[MetricSums, MetricSums | None]:
+    """Per-batch metrics summed in batch order: the same numbers, bit for bit, however the batches were shared out."""
+    sums, fp_sums = MetricSums(), None
+    for batch, fp_batch in parts:
+        sums = sums.merge(batch)
+        if fp_batch is not None:
+            fp_sums = fp_batch if fp_sums is None else fp_sums.merge(fp_batch)
     return sums, fp_sums
+
+
+def batch_shard(dataset: Dataset, batch_size: int) -> Dataset:
+    """This rank's contiguous run of whole batches of `dataset` (all of it for one process), so that every batch
+    holds the same images as in a one-process run."""
+    n = len(dataset)
+    mine = distributed.world().shard(-(-n // batch_size))
+    if len(mine) * batch_size >= n:
+        return dataset
+    return Subset(dataset, range(mine.start * batch_size, min(mine.stop * batch_size, n)))
+
+
+def run_metrics(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device | str,
+    fp_model: nn.Module | None = None,
+    workers: int = 0,
+    progress: Progress | None = None,
+    label: str = "",
+) -> tuple[MetricSums, MetricSums | None]:
+    """Metrics of `model` (and of `fp_model` against labels) over `dataset`; under torchrun every rank evaluates
+    its share of the batches and all ranks return the exact one-process sums."""
+    loader = make_loader(batch_shard(dataset, batch_size), batch_size, workers, device)
+    parts = distributed.gather_objects(batch_metrics(model, loader, device, fp_model, progress, label))
+    return fold([p for part in parts for p in part])
 
 
 def _row(spec: str, kind: str) -> dict[str, Any]:
@@ -76,10 +120,14 @@ def evaluate_one(
     device: torch.device | str = "cpu",
     workers: int = 0,
     progress: Progress | None = None,
+    shard_data: bool = False,
 ) -> dict[str, Any]:
+    """One result row. With `shard_data` (under torchrun) every rank evaluates its share of the batches and every
+    rank must call this for the same `spec`: the ranks' results meet once, whether or not they failed."""
     quantized = (Path(spec) / CONFIG_FILE).is_file()
     row = _row(spec, "quantized" if quantized else "fp")
     start = time.perf_counter()
+    parts, error = [], None
     try:
         if quantized:
             meta = read_quant_config(spec)
@@ -96,21 +144,30 @@ def evaluate_one(
             model, data_config = load_model(spec, device=device)
             fp_model = None
         dataset = ImageFolder(data, data_config)
+        if shard_data:
+            dataset = batch_shard(dataset, batch_size)
         while True:
             try:
-                sums, _ = run_metrics(
-                    model, make_loader(dataset, batch_size, workers, device), device, fp_model, progress, spec
-                )
+                loader = make_loader(dataset, batch_size, workers, device)
+                parts = batch_metrics(model, loader, device, fp_model, progress, spec)
                 break
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise
                 batch_size = max(1, batch_size // 2)
                 log.warning("out of memory on %s; retrying with batch size %d", spec, batch_size)
-        row.update(sums.summary(), images=sums.images)
     except Exception as e:  # noqa: BLE001 - one failing model must not stop a batch evaluation
-        row["error"] = f"{type(e).__name__}: {e}"
-        log.warning("%s failed: %s", spec, row["error"])
+        error = f"{type(e).__name__}: {e}"
+    if shard_data:
+        results = distributed.gather_objects((parts, error))
+        parts = [p for part, _ in results for p in part]
+        error = next((f"rank {r}: {e}" for r, (_, e) in enumerate(results) if e is not None), None)
+    if error is not None:
+        row["error"] = error
+        log.warning("%s failed: %s", spec, error)
+    else:
+        sums, _ = fold(parts)
+        row.update(sums.summary(), images=sums.images)
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
 
@@ -123,6 +180,19 @@ def evaluate(
     workers: int = 0,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """One result row per model (see FIELDS); the data folder is checked once before any model is loaded."""
+    """One result row per model (see FIELDS), in the order given; the data folder is checked once before any
+    model is loaded. Under torchrun, with at least as many models as ranks, whole models are shared out across
+    ranks; with fewer, every model's images are. Every rank returns all rows."""
     find_images(data)
-    return [evaluate_one(spec, data, batch_size, device, workers, progress) for spec in expand_specs(specs)]
+    specs = expand_specs(specs)
+    w = distributed.world()
+    if not w.distributed:
+        return [evaluate_one(spec, data, batch_size, device, workers, progress) for spec in specs]
+    if len(specs) < w.size:
+        return [evaluate_one(spec, data, batch_size, device, workers, progress, shard_data=True) for spec in specs]
+    mine = {
+        i: evaluate_one(specs[i], data, batch_size, device, workers, progress)
+        for i in range(w.rank, len(specs), w.size)
+    }
+    rows = {i: row for part in distributed.gather_objects(mine) for i, row in part.items()}
+    return [rows[i] for i in range(len(specs))]

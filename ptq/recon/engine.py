@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptq import distributed
 from ptq.config import ActSteps
 from ptq.quant.functional import keep_mask, mix
 from ptq.quant.modules import ActQuantizer, QuantLayer, WeightQuantizer, set_quant_state
@@ -173,14 +174,23 @@ def _channel_sum_mean(err: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def unit_error(model: nn.Module, unit: Unit, data: UnitData, batch: int = 64) -> float:
+    """The unit's reconstruction loss over the whole calibration set (over every rank's share under torchrun)."""
     module = unit.module(model)
     device = next(module.parameters()).device
-    total = 0.0
+    total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(data), batch):
         idx = torch.arange(i, min(i + batch, len(data)))
         x, _, target, weight = data.batch(idx, device)
-        total += float(reconstruction_loss(module(x), target, weight)) * x.shape[0]
-    return total / len(data)
+        total[0] += float(reconstruction_loss(module(x), target, weight)) * x.shape[0]
+    total[1] = len(data)
+    distributed.all_reduce_([total])
+    return float(total[0] / total[1]) if total[1] else 0.0
+
+
+def _rows(n: int) -> tuple[int, int]:
+    """(rows over all ranks, this rank's first row): each rank caches a contiguous share of the calibration set."""
+    counts = distributed.gather_objects(n)
+    return sum(counts), sum(counts[: distributed.world().rank])
 
 
 def _cosine(iters: int) -> Callable[[int], float]:
@@ -193,41 +203,66 @@ def _optimise(
     groups: list[dict],
     iters: int,
     settings: Settings,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    penalty: Callable[[int], torch.Tensor] | None,
     seed: int,
     step: Step | None,
 ) -> bool:
     """Adam over `groups` (a group with `cosine: True` has its lr annealed to 0) for `iters` iterations on random
-    mini-batches of `data`. A non-finite loss ends the pass with every parameter at its last good value; returns
-    whether that happened."""
+    mini-batches of `data`, minimising loss_fn(output, target, weight) + penalty(iteration). A non-finite loss ends
+    the pass with every parameter at its last good value; returns whether that happened.
+
+    Mini-batches are drawn from the whole calibration set with one seeded generator. Under torchrun every rank
+    draws the same indices, runs the rows it holds, weights its loss by its share of the batch and adds 1/world of
+    the penalty; gradients are summed over ranks before each step, so every rank takes the step one process would
+    take on the same batch (QDrop's random masks excepted: each rank draws its own)."""
     device = next(module.parameters()).device
     params = [p for g in groups for p in g["params"]]
     cosine = [g.pop("cosine", False) for g in groups]
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [_cosine(iters) if c else (lambda it: 1.0) for c in cosine])
-    g = torch.Generator(device=data.q_inputs.device).manual_seed(seed)
+    w = distributed.world()
     n = len(data)
+    rows, first = _rows(n)
+    batch = min(settings.batch_size, rows)
+    draws = torch.randint(rows, (iters, batch), generator=torch.Generator().manual_seed(seed))
+    if not w.distributed:
+        draws = draws.to(data.q_inputs.device)  # one copy; the loop only slices it
     good = [p.detach().clone() for p in params]
     devices = [device.index or 0] if device.type == "cuda" else []
     keep_prob = settings.keep_prob
     with torch.random.fork_rng(devices=devices):  # QDrop's masks: reproducible per unit, e.g. on resume
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + 7_919 * w.rank)
         for it in range(iters):
-            idx = torch.randint(n, (min(settings.batch_size, n),), generator=g, device=data.q_inputs.device)
-            x_q, x_fp, target, weight = data.batch(idx, device)
-            x = mix(x_fp, x_q, keep_mask(x_q, keep_prob)) if x_fp is not None and keep_prob < 1 else x_q
-            loss, rec = loss_fn(module(x), target, weight, it)
+            idx, share = draws[it], 1.0
+            if w.distributed:  # the batch's rows that this rank holds
+                idx = idx[(idx >= first) & (idx < first + n)] - first
+                idx, share = idx.to(data.q_inputs.device), idx.numel() / batch
+            rec = torch.zeros((), device=device)
+            if idx.numel():
+                x_q, x_fp, target, weight = data.batch(idx, device)
+                x = mix(x_fp, x_q, keep_mask(x_q, keep_prob)) if x_fp is not None and keep_prob < 1 else x_q
+                rec = loss_fn(module(x), target, weight) * share
+            loss = rec if penalty is None else rec + penalty(it) / w.size
             if (it + 1) % CHECK_EVERY == 0 or it + 1 == iters or it == 0:  # one host sync per check
-                if not torch.isfinite(loss):
+                both = torch.stack([loss.detach(), rec.detach()]).double().cpu()
+                distributed.all_reduce_([both])
+                if not torch.isfinite(both[0]):
                     with torch.no_grad():
                         for p, v in zip(params, good, strict=True):
                             p.copy_(v)
                     return True
                 good = [p.detach().clone() for p in params]
                 if step is not None:
-                    step(it + 1, float(rec.detach()))
+                    step(it + 1, float(both[1]))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:
+                loss.backward()
+            if w.distributed:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                distributed.all_reduce_([p.grad for p in params])
             opt.step()
             sched.step()
     return False
@@ -255,12 +290,11 @@ def reconstruct_unit(
     second_pass = settings.act_steps is ActSteps.SECOND_PASS and bool(inner)
     iters = settings.iters
 
-    def rounding_loss(out, target, weight, it):
-        rec = reconstruction_loss(out, target, weight)
+    def rounding_penalty(it):
         beta = beta_at(it, iters)
         if beta is None:
-            return rec, rec
-        return rec + settings.reg_weight * sum(r.regulariser(beta) for r in rounders), rec
+            return torch.zeros((), device=device)
+        return settings.reg_weight * sum(r.regulariser(beta) for r in rounders)
 
     diverged = False
     frozen = {p: p.requires_grad for p in module.parameters()}  # only the parts named below learn
@@ -278,7 +312,9 @@ def reconstruct_unit(
             groups.append({"params": [r.scale for r in rounders], "lr": settings.weight_scale_lr, "cosine": True})
         if settings.act_steps is ActSteps.JOINT and inner:
             groups.append({"params": [q.learn_scale() for q in inner], "lr": settings.act_lr, "cosine": True})
-        diverged = _optimise(module, data, groups, iters, settings, rounding_loss, settings.seed, step)
+        diverged = _optimise(
+            module, data, groups, iters, settings, reconstruction_loss, rounding_penalty, settings.seed, step
+        )
         for rounder in rounders:
             rounder.hard = True
         if second_pass and not diverged:
@@ -286,9 +322,8 @@ def reconstruct_unit(
                 q.enabled = True
             steps = [q.learn_scale() for q in inner]
 
-            def act_loss(out, target, weight, it):
-                loss = lp_loss(out, target, settings.act_loss_p)
-                return loss, loss
+            def act_loss(out, target, weight):
+                return lp_loss(out, target, settings.act_loss_p)
 
             def act_step(it, rec):
                 if step is not None:
@@ -296,7 +331,7 @@ def reconstruct_unit(
 
             groups = [{"params": steps, "lr": settings.act_lr}]
             diverged = _optimise(
-                module, data, groups, settings.act_iters, settings, act_loss, settings.seed + 1, act_step
+                module, data, groups, settings.act_iters, settings, act_loss, None, settings.seed + 1, act_step
             )
     finally:
         for p, flag in frozen.items():

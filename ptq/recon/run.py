@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ptq import distributed
 from ptq._io import atomic_path
 from ptq.config import ActSteps, ConfigError, Method, ReconConfig, to_plain
 from ptq.quant.modules import ActQuantizer
@@ -127,13 +128,14 @@ def plan_cache(
     return CachePlan(store, dtype, unit_bytes)
 
 
-def _fingerprint(method: Method, config: ReconConfig, units: list[Unit], batches: list[torch.Tensor]) -> str:
+def _fingerprint(method: Method, config: ReconConfig, units: list[Unit], images: int, first: torch.Tensor) -> str:
+    """What a unit's checkpoint depends on; not the number of processes, so a rerun may use any."""
     key = {
         "method": method.value,
         "config": to_plain({k: v for k, v in config.__dict__.items() if k not in ("cache", "cache_dtype")}),
         "units": [u.name for u in units],
-        "images": sum(b.shape[0] for b in batches),
-        "first": float(batches[0].double().sum()),
+        "images": images,
+        "first": float(first.double().sum()),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -155,7 +157,19 @@ def _unit_state(model: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in _unit_tensors(model, unit).items()}
 
 
+def _resume_unit(path: Path | None, fp: str, model: nn.Module, unit: Unit) -> bool:
+    """Whether the unit's checkpoint was loaded: rank 0 reads it and hands its tensors to every rank."""
+    loaded = distributed.broadcast_object(
+        path is not None and distributed.world().main and _load_unit(path, fp, model, unit)
+    )
+    if loaded:
+        distributed.broadcast_(_unit_tensors(model, unit).values())
+    return loaded
+
+
 def _load_unit(path: Path, fp: str, model: nn.Module, unit: Unit) -> bool:
+    if not path.is_file():
+        return False
     try:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("fingerprint") != fp:
@@ -180,7 +194,11 @@ def reconstruct(
     work_dir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Reconstruct all units of `model` in place; returns a per-unit summary."""
+    """Reconstruct all units of `model` in place; returns a per-unit summary.
+
+    Under torchrun, `batches` are this rank's contiguous share of the calibration images (rank order = image
+    order): each rank caches only its share of every unit, gradients are summed over ranks (see `_optimise`), every
+    unit ends with rank 0's state on all ranks, and rank 0 writes the checkpoints in `work_dir`."""
     if config.fisher and getattr(model, "num_classes", 1) == 0:
         raise ConfigError("recon.fisher needs a classifier head (the task loss uses the model's own predictions)")
     units = units_for(model, method, batches[0][:1])
@@ -195,9 +213,13 @@ def reconstruct(
     if progress is not None:
         d = plan.describe()
         progress("reconstruct", 0, None, note=f"cache: {d['placement']} {d['dtype']}, {d['peak_unit_mb']} MiB per unit")
-    fp = _fingerprint(method, config, units, batches)
+    w = distributed.world()
+    first = batches[0][:1] if batches else torch.zeros(())
+    fp = distributed.broadcast_object(
+        _fingerprint(method, config, units, sum(distributed.gather_objects(images)), first)
+    )
     work = Path(work_dir) if work_dir is not None else None
-    if work is not None:
+    if work is not None and w.main:
         work.mkdir(parents=True, exist_ok=True)
     summary: list[dict[str, Any]] = []
     counts = [total_iters(settings, u, model) for u in units]
@@ -207,7 +229,7 @@ def reconstruct(
         done = sum(counts[:i])
         label = f"{unit.name} ({i + 1}/{len(units)})"
         path = work / f"unit_{i:04d}.safetensors" if work is not None else None
-        if path is not None and path.is_file() and _load_unit(path, fp, model, unit):
+        if _resume_unit(path, fp, model, unit):
             summary.append({"unit": unit.name, "resumed": True})
             if progress is not None:
                 progress("reconstruct", done + counts[i], total, note=f"{label} resumed")
@@ -221,6 +243,7 @@ def reconstruct(
 
         result = reconstruct_unit(model, unit, data, settings, step, seed=config.seed + i)
         del data
+        distributed.broadcast_(_unit_tensors(model, unit).values())  # ranks stay bit-identical
         summary.append(
             {
                 "unit": unit.name,
@@ -230,7 +253,7 @@ def reconstruct(
             }
         )
         log.info("unit %s: error %.4g → %.4g", unit.name, before, result["reconstruction_error"])
-        if path is not None:
+        if path is not None and w.main:
             with atomic_path(path) as tmp:
                 save_file(_unit_state(model, unit), str(tmp), metadata={"fingerprint": fp, "unit": unit.name})
     return {
@@ -242,6 +265,7 @@ def reconstruct(
         "learn_weight_scale": settings.weight_scale_lr is not None,
         "fisher": config.fisher,
         "cache": plan.describe(),
+        "processes": w.size,
         "seconds": round(time.perf_counter() - start, 2),
         "per_unit": summary,
     }

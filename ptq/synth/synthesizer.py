@@ -5,6 +5,10 @@ Images live in the model's normalised input space and start from N(0, 1) (or com
 plateau down to 1e-4. Everything random in a batch comes from generators seeded by (seed, batch index), so a batch
 is the same whichever order or process makes it. The loss is read back from the device once per plateau window, not
 every iteration.
+
+IntraQ's class centres are the one state shared between batches: a batch uses the centres it is given
+(`set_centres`) and returns its own contribution (per-class feature sums and counts) without adding it, so that the
+caller decides which batches see which (`ptq.synth.run`: rounds, possibly made by several processes).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class SynthBatch:
     images: torch.Tensor  # (N, C, H, W) on the CPU, normalised input space
     labels: torch.Tensor  # (N,) int64
     losses: dict[str, float]  # final value of each loss term and of the total
+    centres: dict[str, torch.Tensor]  # this batch's class-centre contribution (feature sums, counts), on the CPU
 
 
 @dataclass
@@ -107,14 +112,21 @@ class Synthesizer:
         self.centre_sums = torch.zeros(self.num_classes, dim, device=self.device)
         self.centre_counts = torch.zeros(self.num_classes, device=self.device)
 
-    # -- state carried from batch to batch (IntraQ's running class centres) --
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"centre_sums": self.centre_sums.cpu(), "centre_counts": self.centre_counts.cpu()}
+    # -- IntraQ's class centres: per-class sums and counts of the features of the batches this one may see --
+    @property
+    def centred(self) -> bool:
+        """Whether batches depend on the centres (the marginal distance constraint is on)."""
+        return self.tap is not None
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        if "centre_sums" in state and state["centre_sums"].shape == self.centre_sums.shape:
-            self.centre_sums = state["centre_sums"].to(self.device)
-            self.centre_counts = state["centre_counts"].to(self.device)
+    def empty_centres(self) -> dict[str, torch.Tensor]:
+        return {
+            "centre_sums": torch.zeros_like(self.centre_sums).cpu(),
+            "centre_counts": torch.zeros_like(self.centre_counts).cpu(),
+        }
+
+    def set_centres(self, centres: dict[str, torch.Tensor]) -> None:
+        self.centre_sums = centres["centre_sums"].to(self.device, torch.float32)
+        self.centre_counts = centres["centre_counts"].to(self.device, torch.float32)
 
     def _labels(self, index: int, size: int, g: torch.Generator) -> torch.Tensor:
         if self.config.method is SynthMethod.FDDA:  # class-pure batches over the classes seen in the real set
@@ -198,14 +210,18 @@ class Synthesizer:
                     step(it + 1)
         with torch.no_grad():
             images = generator(latents) if generator is not None else pixels.detach()
+            contribution = {
+                k: torch.zeros_like(v) for k, v in (("sums", self.centre_sums), ("counts", self.centre_counts))
+            }
             with ExitStack() as stack:
                 if self.tap is not None:
                     stack.enter_context(self.tap)
                 final = self._loss(images, labels, label, g)
                 if self.tap is not None:
-                    self.centre_sums.index_add_(0, labels, self.tap.features.float())
-                    self.centre_counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
-        return SynthBatch(images.detach().cpu(), labels.cpu(), {k: float(v) for k, v in final.items()})
+                    contribution["sums"].index_add_(0, labels, self.tap.features.float())
+                    contribution["counts"].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
+        centres = {"centre_sums": contribution["sums"].cpu(), "centre_counts": contribution["counts"].cpu()}
+        return SynthBatch(images.detach().cpu(), labels.cpu(), {k: float(v) for k, v in final.items()}, centres)
 
 
 @torch.no_grad()

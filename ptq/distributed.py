@@ -1,0 +1,188 @@
+"""Running across processes, GPUs and nodes under `torchrun`: rank and world size from the environment torchrun
+sets, one process group (gloo on CPU, NCCL on CUDA), and the few collectives the jobs use, all with a timeout.
+
+Without torchrun (no `WORLD_SIZE`, or 1) every helper here is the identity for one process, so the jobs read the
+same either way. Rank 0 writes every shared output (checkpoints, reports, metadata); outputs must be on a
+filesystem all ranks see. A collective that waits longer than `PTQ_DIST_TIMEOUT` seconds (default 1800) for a
+rank raises instead of hanging; torchrun itself ends the whole job when any rank exits with an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_ENV = "PTQ_DIST_TIMEOUT"
+
+
+class DistributedError(RuntimeError):
+    """The environment describes a process group that cannot be joined as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank in 0..size-1 (and its rank on this node)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous share of `n` items (the first `n % size` ranks take one more)."""
+        return shard(n, self.rank, self.size)
+
+
+def shard(n: int, rank: int, size: int) -> range:
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def world() -> World:
+    """The job as torchrun describes it (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`); one process when unset."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
+    return World(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
+
+
+def timeout() -> timedelta:
+    seconds = _env_int(TIMEOUT_ENV, 1800)
+    if seconds <= 0:
+        raise DistributedError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {seconds}")
+    return timedelta(seconds=seconds)
+
+
+def setup(device: str | torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes and return this rank's device: `cuda` becomes `cuda:LOCAL_RANK`.
+
+    One process (no torchrun): nothing to join, the device is returned as given."""
+    w, device = world(), torch.device(device)
+    if not w.distributed:
+        return w, device
+    if not dist.is_available():
+        raise DistributedError("this PyTorch build has no torch.distributed; run without torchrun")
+    if device.type == "cuda" and device.index is None:
+        if w.local_rank >= torch.cuda.device_count():
+            raise DistributedError(
+                f"local rank {w.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                "use --nproc-per-node at most the number of GPUs per node"
+            )
+        device = torch.device("cuda", w.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=timeout(), **kwargs)
+    return world(), device
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def joined() -> bool:
+    """Whether this process has joined a process group (`setup` under torchrun)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum `tensors` (of one dtype) over ranks in place, as one flat buffer (one collective, whatever their number)."""
+    if not _active() or not tensors:
+        return
+    device = _collective_device()
+    flat = torch.cat([t.detach().reshape(-1).to(device, tensors[0].dtype) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Give every rank rank `src`'s values of `tensors` (same shapes on every rank), in place."""
+    if not _active():
+        return
+    device = _collective_device()
+    for t in tensors:
+        buffer = t.detach().to(device)
+        dist.broadcast(buffer, src)
+        if buffer is not t:
+            t.detach().copy_(buffer)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (anything picklable), on every rank."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src, device=_collective_device())
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_main(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run `fn` on rank 0 only (checks that may also clear a folder); every rank returns its result or raises its
+    exception, marked `shared` so that only rank 0 reports it."""
+    result = error = None
+    if world().main:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - handed to every rank below
+            error = e
+    if not _active():
+        if error is not None:
+            raise error
+        return result
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        error.shared = True
+        raise error
+    return result
