@@ -85,6 +85,11 @@ def setup(device: str | torch.device) -> tuple[World, torch.device]:
         return w, device
     if not dist.is_available():
         raise DistributedError("this PyTorch build has no torch.distributed; run without torchrun")
+    if device.type == "cuda" and device.index is not None and w.size > 1:
+        raise DistributedError(
+            f"--device {device} under torchrun would put every rank on one GPU; pass --device cuda (each rank "
+            "takes cuda:LOCAL_RANK) and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if device.type == "cuda" and device.index is None:
         if w.local_rank >= torch.cuda.device_count():
             raise DistributedError(
@@ -148,6 +153,29 @@ def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         dist.broadcast(buffer, src)
         if buffer is not t:
             t.detach().copy_(buffer)
+
+
+def owns(index: int) -> bool:
+    """Whether item `index` of a list shared out round-robin is this rank's to compute."""
+    w = world()
+    return index % w.size == w.rank
+
+
+def share_owned(items: Sequence[Sequence[torch.Tensor]]) -> None:
+    """Give every rank the (float) tensors of item i as computed by its owner (rank i mod world size), in place."""
+    if not _active():
+        return
+    size, device = dist.get_world_size(), _collective_device()
+    for src in range(size):  # one flat buffer per owner
+        tensors = [t for i in range(src, len(items), size) for t in items[i]]
+        if not tensors:
+            continue
+        flat = torch.cat([t.detach().reshape(-1).to(device, torch.float32) for t in tensors])
+        dist.broadcast(flat, src)
+        offset = 0
+        for t in tensors:
+            t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -4,6 +4,8 @@ Weights: one observer per layer over the (folded) weight, per output channel by 
 Activations: with weights already quantized, each activation quantizer's observer records its input over all
 calibration batches (activation quantization off, so every quantizer sees the same FP-activation network);
 then scale and zero point are computed once. Ranges are fixed afterwards.
+Under torchrun every rank observes all images and the range searches are shared out (quantizer i on rank
+i mod world size), each result then sent to every rank: the ranges one process computes, in less time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ptq import distributed
 from ptq.config import QuantConfig, WeightGranularity
 from ptq.quant.modules import act_quantizers, quant_layers, set_quant_state
 from ptq.quant.observers import Observer, PerChannel, PerTensor, make_observer
@@ -42,11 +45,14 @@ def calibrate_weights(model: nn.Module, config: QuantConfig, progress: Progress 
     layers = list(quant_layers(model).values())
     for i, layer in enumerate(layers):
         q = layer.weight_quantizer
-        obs = weight_observer(config)
-        obs.observe(layer.weight)
-        q.set_qparams(*obs.calculate_qparams(q.bits, config.w_symmetric))
+        if distributed.owns(i):
+            obs = weight_observer(config)
+            obs.observe(layer.weight)
+            q.set_qparams(*obs.calculate_qparams(q.bits, config.w_symmetric))
+        q.calibrated = True
         if progress is not None:
             progress("weight ranges", i + 1, len(layers))
+    distributed.share_owned([(layer.weight_quantizer.scale, layer.weight_quantizer.zero_point) for layer in layers])
 
 
 @torch.no_grad()
@@ -75,9 +81,12 @@ def calibrate_activations(
         if obs is None or obs.lo is None:
             log.warning("activation quantizer %s saw no data and stays disabled", name)
             continue
-        q.set_qparams(*obs.calculate_qparams(q.bits, config.a_symmetric))
+        if distributed.owns(i):
+            q.set_qparams(*obs.calculate_qparams(q.bits, config.a_symmetric))
+        q.calibrated = True
         if progress is not None:
             progress("activation ranges", i + 1, len(quantizers))
+    distributed.share_owned([(q.scale, q.zero_point) for q in quantizers.values()])
     return seen
 
 
