@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -61,7 +62,7 @@ def fail(message: str, shared: bool = False, code: int = 2) -> None:
         _record_for_torchrun(message)
         message = f"rank {w.rank}: {message}" if not w.main else message
     if not (shared and not w.main):
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=code)
 
 
@@ -79,17 +80,10 @@ def _record_for_torchrun(message: str) -> None:
 @contextmanager
 def user_errors(on_interrupt: str = "nothing was written to the output folder"):
     """Turn the library's input errors into a one-line message and a non-zero exit."""
-    import torch.distributed as dist
-
     try:
         yield
     except USER_ERRORS as e:
         fail(str(e), shared=getattr(e, "shared", False))
-    except dist.DistError as e:  # another rank died or timed out: torchrun reports that rank's error
-        fail(
-            f"lost contact with the other ranks ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-            code=1,
-        )
     except KeyboardInterrupt:
         err_console.print(f"[yellow]interrupted[/]: {on_interrupt}")
         raise typer.Exit(code=130) from None

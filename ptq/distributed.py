@@ -10,7 +10,9 @@ rank raises instead of hanging; torchrun itself ends the whole job when any rank
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -111,6 +113,22 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def _waiting(op: str):
+    """A collective that times out or loses a peer becomes one clear error (torchrun stops the other ranks)."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # the backend's source location
+        if "time" in first.lower():
+            raise DistributedError(
+                f"waited longer than {TIMEOUT_ENV}={int(timeout().total_seconds())} s for the other ranks in {op} "
+                f"({first}); if a rank only needed longer (one synthesis batch, one model), raise {TIMEOUT_ENV}"
+            ) from None
+        raise DistributedError(f"lost contact with the other ranks in {op} ({first})") from None
+
+
 def joined() -> bool:
     """Whether this process has joined a process group (`setup` under torchrun)."""
     return dist.is_available() and dist.is_initialized()
@@ -126,7 +144,8 @@ def _collective_device() -> torch.device:
 
 def barrier() -> None:
     if _active():
-        dist.barrier()
+        with _waiting("a barrier"):
+            dist.barrier()
 
 
 def all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
@@ -135,7 +154,8 @@ def all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
         return
     device = _collective_device()
     flat = torch.cat([t.detach().reshape(-1).to(device, tensors[0].dtype) for t in tensors])
-    dist.all_reduce(flat)
+    with _waiting("an all-reduce"):
+        dist.all_reduce(flat)
     offset = 0
     for t in tensors:
         n = t.numel()
@@ -150,7 +170,8 @@ def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
     device = _collective_device()
     for t in tensors:
         buffer = t.detach().to(device)
-        dist.broadcast(buffer, src)
+        with _waiting("a broadcast"):
+            dist.broadcast(buffer, src)
         if buffer is not t:
             t.detach().copy_(buffer)
 
@@ -171,7 +192,8 @@ def share_owned(items: Sequence[Sequence[torch.Tensor]]) -> None:
         if not tensors:
             continue
         flat = torch.cat([t.detach().reshape(-1).to(device, torch.float32) for t in tensors])
-        dist.broadcast(flat, src)
+        with _waiting("a broadcast"):
+            dist.broadcast(flat, src)
         offset = 0
         for t in tensors:
             t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -183,7 +205,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src, device=_collective_device())
+    with _waiting("a broadcast"):
+        dist.broadcast_object_list(box, src, device=_collective_device())
     return box[0]
 
 
@@ -192,7 +215,8 @@ def gather_objects(obj: Any) -> list[Any]:
     if not _active():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with _waiting("a gather"):
+        dist.all_gather_object(out, obj)
     return out
 
 

@@ -25,15 +25,16 @@ PTQ = str(Path(sys.executable).parent / "ptq")
 runner = CliRunner()
 
 
-def torchrun(*args, nproc: int = 2, wait: bool = True):
+def torchrun(*args, nproc: int = 2, wait: bool = True, ok: bool = True, timeout: int = 120):
     """`torchrun --standalone --nproc-per-node N --no-python ptq ARGS`, one thread per process."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command += ["--no-python", PTQ, *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PTQ_DIST_TIMEOUT": "120"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PTQ_DIST_TIMEOUT": str(timeout)}
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -181,3 +182,13 @@ def test_a_killed_rank_ends_the_job_with_an_error(tmp_path, checkpoints):
     assert "SIGKILL" in output and "rank      : 1" in output
     for pid in workers:  # no rank left behind
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_rank_waiting_past_the_timeout_ends_the_job_with_one_clear_line(tmp_path, checkpoints):
+    """intraq's first round is one batch: rank 1 waits for rank 0 in the all-reduce of the class centres."""
+    args = ["synthesize", "test_efficientnet", "--checkpoint", checkpoints["test_efficientnet"], "--method", "intraq"]
+    result = torchrun(*args, "--num-images", 4, "--batch-size", 2, "--iters", 100000, "--out", tmp_path / "s",
+                      ok=False, timeout=8)  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.stdout.splitlines() + result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "waited longer than PTQ_DIST_TIMEOUT=8 s" in errors[0]

@@ -190,9 +190,9 @@ def evaluate(
         return [evaluate_one(spec, data, batch_size, device, workers, progress) for spec in specs]
     if len(specs) < w.size:
         return [evaluate_one(spec, data, batch_size, device, workers, progress, shard_data=True) for spec in specs]
-    mine = {
-        i: evaluate_one(specs[i], data, batch_size, device, workers, progress)
-        for i in range(w.rank, len(specs), w.size)
-    }
-    rows = {i: row for part in distributed.gather_objects(mine) for i, row in part.items()}
-    return [rows[i] for i in range(len(specs))]
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(specs), w.size):  # rounds of one model per rank: no rank waits longer than one model
+        i = start + w.rank
+        row = evaluate_one(specs[i], data, batch_size, device, workers, progress) if i < len(specs) else None
+        rows += [r for r in distributed.gather_objects(row) if r is not None]
+    return rows
