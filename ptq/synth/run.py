@@ -107,8 +107,8 @@ def synthesize(
 ) -> dict[str, Any]:
     """Write (or complete) the synthetic set in `out`; return its metadata.
 
-    Under torchrun the batches of each round are shared out across ranks (batch i of a round of length L goes to
-    rank i mod world size), each rank writes its own shards, the round's class-centre contributions are summed
+    Under torchrun the batches of each round are shared out across ranks (the round's k-th batch goes to rank
+    k mod world size), each rank writes its own shards, the round's class-centre contributions are summed
     over ranks, and rank 0 writes the metadata and preview once every shard exists."""
     out = Path(out)
     w = distributed.world()
@@ -119,17 +119,15 @@ def synthesize(
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     sizes = batch_sizes(config.num_images, config.batch_size)
-    mine = [i for r in rounds(len(sizes), synth.centred) for i in r if (i - r.start) % w.size == w.rank]
-    total_iters = len(mine) * config.iters
+    schedule = [[i for i in r if (i - r.start) % w.size == w.rank] for r in rounds(len(sizes), synth.centred)]
+    total_iters = sum(map(len, schedule)) * config.iters
     losses: dict[int, dict[str, float]] = {}
     resumed, start = 0, time.perf_counter()
     centres = synth.empty_centres()
-    for batches in rounds(len(sizes), synth.centred):
+    for mine in schedule:  # this rank's batches of each round
         synth.set_centres(centres)
         found = synth.empty_centres()  # what this rank's batches of the round add to the centres
-        for index in batches:
-            if (index - batches.start) % w.size != w.rank:
-                continue
+        for index in mine:
             done = len(losses) * config.iters
             path = shard_path(out, index)
             shard = read_shard(path, fp)
