@@ -363,6 +363,11 @@ def _synthetic_calibration(
                 synthetic, brief["num_images"] = Subset(synthetic, range(wanted)), wanted
             return _with_real(synthetic, real), brief
     meta, real = synthesize_set(fp_model, model_name, data_config, recipe, folder, calib_data, device, False, progress)
+    if not (folder / META_FILE).is_file():  # rank 0 finished it, on a filesystem this rank does not see
+        raise SynthError(
+            f"rank {distributed.world().rank} cannot see the synthetic set in {folder}: on several machines put it "
+            "on a filesystem they share (--synth-data DIR, or PTQ_CACHE_DIR)"
+        )
     return _with_real(SyntheticSet(folder), real), {"folder": str(folder), **_brief(meta)}
 
 
