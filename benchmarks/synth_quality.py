@@ -28,7 +28,7 @@ from ptq.eval.metrics import MetricSums
 from ptq.models import load_model
 from ptq.quant import calibrate, prepare
 from ptq.synth import Synthesizer, class_statistics
-from ptq.synth.run import batch_sizes
+from ptq.synth.run import batch_sizes, synthesize_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -42,7 +42,7 @@ def synthetic(model, size, method, num, batch, device, iters_scale, class_stats,
     )
     synth = Synthesizer(model, size, config, device, class_stats)
     start = time.perf_counter()
-    batches = [synth.batch(i, n) for i, n in enumerate(batch_sizes(num, batch))]
+    batches = synthesize_batches(synth, batch_sizes(num, batch))  # IntraQ's class centres round by round
     images = torch.cat([b.images for b in batches])
     return images, {
         "iters": config.iters,
