@@ -169,10 +169,11 @@ def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         return
     device = _collective_device()
     for t in tensors:
-        buffer = t.detach().to(device)
+        inplace = t.device == device and t.is_contiguous()
+        buffer = t.detach() if inplace else t.detach().to(device).contiguous()
         with _waiting("a broadcast"):
             dist.broadcast(buffer, src)
-        if buffer is not t:
+        if not inplace:
             t.detach().copy_(buffer)
 
 
