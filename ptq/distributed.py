@@ -87,7 +87,7 @@ def setup(device: str | torch.device) -> tuple[World, torch.device]:
         return w, device
     if not dist.is_available():
         raise DistributedError("this PyTorch build has no torch.distributed; run without torchrun")
-    if device.type == "cuda" and device.index is not None and w.size > 1:
+    if device.type == "cuda" and device.index is not None:
         raise DistributedError(
             f"--device {device} under torchrun would put every rank on one GPU; pass --device cuda (each rank "
             "takes cuda:LOCAL_RANK) and choose GPUs with CUDA_VISIBLE_DEVICES"
@@ -148,33 +148,37 @@ def barrier() -> None:
             dist.barrier()
 
 
-def all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum `tensors` (of one dtype) over ranks in place, as one flat buffer (one collective, whatever their number)."""
-    if not _active() or not tensors:
-        return
-    device = _collective_device()
-    flat = torch.cat([t.detach().reshape(-1).to(device, tensors[0].dtype) for t in tensors])
-    with _waiting("an all-reduce"):
-        dist.all_reduce(flat)
+def _pack(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """`tensors` as one flat buffer on `device`, in the first one's dtype (one collective, whatever their number)."""
+    return torch.cat([t.detach().reshape(-1).to(device, tensors[0].dtype) for t in tensors])
+
+
+def _unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     offset = 0
     for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
+        t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def all_reduce_(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum `tensors` (of one dtype) over ranks in place."""
+    if not _active() or not tensors:
+        return
+    flat = _pack(tensors, _collective_device())
+    with _waiting("an all-reduce"):
+        dist.all_reduce(flat)
+    _unpack(flat, tensors)
 
 
 def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
-    """Give every rank rank `src`'s values of `tensors` (same shapes on every rank), in place."""
-    if not _active():
+    """Give every rank rank `src`'s values of `tensors` (of one dtype, same shapes on every rank), in place."""
+    tensors = list(tensors)
+    if not _active() or not tensors:
         return
-    device = _collective_device()
-    for t in tensors:
-        inplace = t.device == device and t.is_contiguous()
-        buffer = t.detach() if inplace else t.detach().to(device).contiguous()
-        with _waiting("a broadcast"):
-            dist.broadcast(buffer, src)
-        if not inplace:
-            t.detach().copy_(buffer)
+    flat = _pack(tensors, _collective_device())
+    with _waiting("a broadcast"):
+        dist.broadcast(flat, src)
+    _unpack(flat, tensors)
 
 
 def owns(index: int) -> bool:
@@ -187,18 +191,9 @@ def share_owned(items: Sequence[Sequence[torch.Tensor]]) -> None:
     """Give every rank the (float) tensors of item i as computed by its owner (rank i mod world size), in place."""
     if not _active():
         return
-    size, device = dist.get_world_size(), _collective_device()
-    for src in range(size):  # one flat buffer per owner
-        tensors = [t for i in range(src, len(items), size) for t in items[i]]
-        if not tensors:
-            continue
-        flat = torch.cat([t.detach().reshape(-1).to(device, torch.float32) for t in tensors])
-        with _waiting("a broadcast"):
-            dist.broadcast(flat, src)
-        offset = 0
-        for t in tensors:
-            t.detach().copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+    size = dist.get_world_size()
+    for src in range(size):  # one buffer per owner
+        broadcast_([t for i in range(src, len(items), size) for t in items[i]], src)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -204,8 +204,7 @@ def quantize(
         with _timed(timings, "sensitivity"):
             table, allocation = mixed_bits(qmodel, batches, model_name, recipe, budget, sensitivity_file, progress)
     with _timed(timings, "calibrate"):
-        calibrate(qmodel, batches, q, progress)
-        distributed.broadcast_(qmodel.state_dict().values())  # every rank calibrated on all images: keep rank 0's
+        calibrate(qmodel, batches, q, progress)  # under torchrun the ranges are computed once and shared
     recon_summary = None
     work_dir = Path(out).parent / f".{Path(out).name}.recon"  # per-unit checkpoints: a rerun resumes
     if recipe.method is not Method.RTN:

@@ -186,10 +186,8 @@ def evaluate(
     find_images(data)
     specs = expand_specs(specs)
     w = distributed.world()
-    if not w.distributed:
-        return [evaluate_one(spec, data, batch_size, device, workers, progress) for spec in specs]
-    if len(specs) < w.size:
-        return [evaluate_one(spec, data, batch_size, device, workers, progress, shard_data=True) for spec in specs]
+    if len(specs) < w.size or not w.distributed:
+        return [evaluate_one(spec, data, batch_size, device, workers, progress, w.distributed) for spec in specs]
     rows: list[dict[str, Any]] = []
     for start in range(0, len(specs), w.size):  # rounds of one model per rank: no rank waits longer than one model
         i = start + w.rank

@@ -214,9 +214,8 @@ def reconstruct(
         d = plan.describe()
         progress("reconstruct", 0, None, note=f"cache: {d['placement']} {d['dtype']}, {d['peak_unit_mb']} MiB per unit")
     w = distributed.world()
-    first = batches[0][:1] if batches else torch.zeros(())
-    fp = distributed.broadcast_object(
-        _fingerprint(method, config, units, sum(distributed.gather_objects(images)), first)
+    fp = distributed.broadcast_object(  # rank 0's first image is the calibration set's first
+        _fingerprint(method, config, units, sum(distributed.gather_objects(images)), batches[0][:1])
     )
     work = Path(work_dir) if work_dir is not None else None
     if work is not None and w.main:

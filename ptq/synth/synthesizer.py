@@ -210,17 +210,15 @@ class Synthesizer:
                     step(it + 1)
         with torch.no_grad():
             images = generator(latents) if generator is not None else pixels.detach()
-            contribution = {
-                k: torch.zeros_like(v) for k, v in (("sums", self.centre_sums), ("counts", self.centre_counts))
-            }
+            sums, counts = torch.zeros_like(self.centre_sums), torch.zeros_like(self.centre_counts)
             with ExitStack() as stack:
                 if self.tap is not None:
                     stack.enter_context(self.tap)
                 final = self._loss(images, labels, label, g)
                 if self.tap is not None:
-                    contribution["sums"].index_add_(0, labels, self.tap.features.float())
-                    contribution["counts"].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
-        centres = {"centre_sums": contribution["sums"].cpu(), "centre_counts": contribution["counts"].cpu()}
+                    sums.index_add_(0, labels, self.tap.features.float())
+                    counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
+        centres = {"centre_sums": sums.cpu(), "centre_counts": counts.cpu()}
         return SynthBatch(images.detach().cpu(), labels.cpu(), {k: float(v) for k, v in final.items()}, centres)
 
 
