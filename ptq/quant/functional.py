@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ptq._fuse import fused
+
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest with a straight-through gradient (d round(x)/dx := 1)."""
@@ -82,16 +84,56 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """A boolean mask shaped like `x`, each element True with probability `p`. For p = 1/2 (QDrop's default) the
-    bits of random bytes are used: 8 mask elements per random number, several times cheaper than `rand_like`."""
-    if p == 0.5 and x.numel() % 8 == 0:
-        bits = torch.arange(8, dtype=torch.uint8, device=x.device)
-        raw = torch.randint(0, 256, (x.numel() // 8, 1), dtype=torch.uint8, device=x.device)
-        return raw.bitwise_right_shift(bits).bitwise_and_(1).view(torch.bool).view(x.shape)
-    return torch.rand_like(x) < p
+    bits of random 64-bit integers are used: 64 mask elements per random number, several times cheaper than
+    `rand_like`. The mask is a view of 0/1 bytes (`_as_weights` reads it without a copy)."""
+    if p != 0.5:
+        return torch.rand_like(x) < p
+    words = torch.empty((x.numel() + 63) // 64, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
+    bits = torch.arange(8, dtype=torch.uint8, device=x.device)
+    raw = words.view(torch.uint8).view(-1, 1).bitwise_right_shift(bits).bitwise_and_(1)
+    return raw.view(-1)[: x.numel()].view(torch.bool).view(x.shape)
+
+
+def _as_weights(keep: torch.Tensor) -> torch.Tensor:
+    """A bool mask flattened as the kernels take it: 0/1 bytes (a view) on CPU, where compiled kernels read bool
+    tensors an element at a time; bool elsewhere."""
+    flat = keep.reshape(-1)
+    return flat.view(torch.uint8) if flat.device.type == "cpu" else flat
+
+
+@fused
+def _act_forward(x, scale, lo, hi, keep, need_coeff: bool, mask_dtype: torch.dtype):
+    """One pass of `_ActFakeQuant.forward` over a flat x, with the grid [lo, hi] in units of the step (0-d tensors:
+    integer arguments would be symbolic in the kernel, which then runs at half speed) and `keep` a 0/1 mask
+    (`_as_weights`) or None: (out, gradient mask in `mask_dtype`, ∂out/∂s coefficients or None)."""
+    v = x / scale
+    level = torch.clamp(torch.round(v), lo, hi)
+    inside = ((v >= lo) & (v <= hi)).to(mask_dtype)  # LSQ: clipping decided by x/s itself, not by its rounding
+    coeff = level - v * inside if need_coeff else None  # level − (x/s inside the grid)
+    out = level * scale
+    if keep is not None:
+        kept = keep.to(x.dtype)
+        out = torch.lerp(x, out, kept)  # exact at 0 and 1
+        inside = torch.maximum(inside, (kept == 0).to(mask_dtype))
+        coeff = coeff * kept if coeff is not None else None
+    return out, inside, coeff
+
+
+@fused
+def _act_backward(grad, passes, coeff):
+    """(∂L/∂x, Σ ∂L/∂out · ∂out/∂s or None) over flat tensors, in one pass."""
+    return grad * passes, (grad * coeff).sum() if coeff is not None else None
+
+
+def _mask_dtype(x: torch.Tensor) -> torch.dtype:
+    """Masks inside the compiled activation kernels: bool on GPUs; on CPU, where compiled kernels store and load
+    bool tensors an element at a time (measured: 15-30× slower than a float), x's dtype."""
+    return torch.bool if x.is_cuda else x.dtype
 
 
 class _ActFakeQuant(torch.autograd.Function):
-    """Per-tensor fake quantization with QDrop mixing and an LSQ step-size gradient, in few passes over the tensor.
+    """Per-tensor fake quantization with QDrop mixing and an LSQ step-size gradient, in one pass over the tensor
+    each way (compiled where possible, `ptq._fuse`).
 
     Forward: x̂ = (clamp(round(x/s) + z, qmin, qmax) − z)·s; where `keep` is given, out = keep ? x̂ : x.
     Backward (straight-through, LSQ arXiv 1902.08153): ∂out/∂x = 1 where the element passes FP or x/s + z lies
@@ -102,40 +144,35 @@ class _ActFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, keep, grad_factor):
+        masks = _mask_dtype(x)
+        flat = _as_weights(keep) if keep is not None else None
+        zero_point = zero_point.reshape(()).to(x.dtype)
         lo, hi = qmin - zero_point, qmax - zero_point  # the grid in units of the step, zero point removed
-        v = x / scale
-        level = torch.round(v).clamp_(lo, hi)
-        inside = (v >= lo).logical_and_(v <= hi)  # LSQ: clipping decided by x/s itself, not by its rounded value
-        # masks enter arithmetic as multipliers: on CPU `where`/`masked_fill_` cost several elementwise passes each
-        kept = keep.to(x.dtype) if keep is not None else None
-        coeff = None
-        if ctx.needs_input_grad[1]:
-            coeff = torch.addcmul(level, v, inside, value=-1)  # level − (x/s inside the grid)
-            if kept is not None:
-                coeff.mul_(kept)
-        del v
-        out = level.mul_(scale)
-        if kept is not None:
-            out = mix(x, out, kept)
-            inside.logical_or_(keep.logical_not())
-        ctx.save_for_backward(inside, coeff)
+        out, passes, coeff = _act_forward(
+            x.reshape(-1), scale.reshape(()), lo, hi, flat, ctx.needs_input_grad[1], masks
+        )
+        ctx.save_for_backward(passes, coeff)
         ctx.grad_factor, ctx.scale_shape = grad_factor, scale.shape
-        return out
+        return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         passes, coeff = ctx.saved_tensors
-        grad_x = grad * passes if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if coeff is not None:
-            grad_s = torch.dot(grad.flatten(), coeff.flatten()).mul(ctx.grad_factor).reshape(ctx.scale_shape)
-        return grad_x, grad_s, None, None, None, None, None
+        grad_x, grad_s = _act_backward(grad.reshape(-1), passes, coeff)
+        if grad_s is not None:
+            grad_s = grad_s.mul(ctx.grad_factor).reshape(ctx.scale_shape)
+        return grad_x.view(grad.shape) if ctx.needs_input_grad[0] else None, grad_s, None, None, None, None, None
+
+
+@fused
+def _lerp(fp, quantized, kept):
+    return torch.lerp(fp, quantized, kept.to(fp.dtype))
 
 
 def mix(fp: torch.Tensor, quantized: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """QDrop's element-wise choice: `quantized` where `kept` is 1, `fp` where it is 0 (a bool or 0/1 float mask).
-    `lerp` is exact at weights 0 and 1 and, on CPU, about 3× cheaper than `torch.where`."""
-    return torch.lerp(fp, quantized, kept if kept.is_floating_point() else kept.to(fp.dtype))
+    """QDrop's element-wise choice: `quantized` where the bool mask `kept` is True, `fp` elsewhere, in one pass
+    (`lerp` is exact at weights 0 and 1)."""
+    return _lerp(fp.reshape(-1), quantized.reshape(-1), _as_weights(kept)).view(fp.shape)
 
 
 def act_fake_quantize(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ptq._fuse import fused
 from ptq.quant.functional import channel_view, qrange
 
 ZETA, GAMMA = 1.1, -0.1
@@ -44,55 +45,75 @@ def _soft_rounding(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     `torch.clamp`'s gradient), else 0."""
     sig = torch.sigmoid(v)
     h = sig * (ZETA - GAMMA) + GAMMA
-    dh = (h >= 0).logical_and_(h <= 1).to(v.dtype).mul_(sig).mul_(1 - sig).mul_(ZETA - GAMMA)
-    return h.clamp_(0, 1), dh
+    dh = ((h >= 0) & (h <= 1)) * (sig * (1 - sig) * (ZETA - GAMMA))
+    return h.clamp(0, 1), dh
+
+
+@fused
+def _soft_weight(v, floor, scale, zero_point, qmin, qmax, learn_scale: bool):
+    """Ŵ(V) over (channels, weights per channel) and what its backward needs: ∂Ŵ/∂V, and for a learned scale the
+    grid level clamp(⌊W/s⌋ + h + z) − z, in one pass. The code range [qmin, qmax] comes as 0-d tensors (integer
+    arguments would be symbolic in the compiled kernel, which then runs slower)."""
+    h, dh = _soft_rounding(v)
+    level = floor + h + zero_point
+    on_grid = (level >= qmin) & (level <= qmax)
+    coded = level.clamp(qmin, qmax) - zero_point
+    step = scale.clamp(min=1e-8)
+    return coded * step, on_grid * dh * step, coded if learn_scale else None
+
+
+@fused
+def _regulariser(v, beta):
+    """R = Σ(1 − |2h − 1|^β) over a flat V and ∂R/∂V = −2β|2h − 1|^(β−1)·sign(2h − 1)·∂h/∂V, in one pass."""
+    h, dh = _soft_rounding(v)
+    t = 2 * h - 1
+    a = t.abs()
+    a_pow = a.pow(beta - 1)  # one pow serves the value (a^β = a^(β−1)·a) and the gradient
+    return v.numel() - (a * a_pow).sum(), a_pow * torch.sign(t) * dh * (-2 * beta)
 
 
 class _SoftWeight(torch.autograd.Function):
     """Ŵ(V) as one autograd node that keeps ∂Ŵ/∂V as a single tensor instead of every intermediate (AdaRound's
     per-weight work dominates units with many weights and small activations):
     ∂Ŵ/∂V = s·1[qmin ≤ ⌊W/s⌋ + h + z ≤ qmax]·∂h/∂V and, for a learned scale (Genie-M), ∂Ŵ/∂s = clamp(⌊W/s⌋ + h + z) − z
-    summed per channel. Also returns h(V) and ∂h/∂V (not differentiable) for the regulariser."""
+    summed per channel. Works on (channels, weights per channel) views, so one compiled kernel serves every layer."""
 
     @staticmethod
     def forward(ctx, v, floor, scale, zero_point, qmin, qmax):
-        h, dh = _soft_rounding(v)
-        level = floor + h + zero_point
-        on_grid = (level >= qmin).logical_and_(level <= qmax)
-        coded = level.clamp_(qmin, qmax).sub_(zero_point)
-        step = scale.clamp(min=1e-8)
-        w = coded * step
-        dw = on_grid.to(v.dtype).mul_(dh).mul_(step)
+        rows = v.shape[0]
         learn = ctx.needs_input_grad[2]
-        ctx.save_for_backward(dw, coded if learn else None, scale if learn else None)
-        ctx.mark_non_differentiable(h, dh)
-        return w, h, dh
+        w, dw, coded = _soft_weight(
+            v.reshape(rows, -1), floor.reshape(rows, -1), scale.reshape(-1, 1), zero_point.reshape(-1, 1),
+            v.new_tensor(qmin), v.new_tensor(qmax), learn,
+        )  # fmt: skip
+        ctx.save_for_backward(dw, coded, scale if learn else None)
+        return w.view(v.shape)
 
     @staticmethod
-    def backward(ctx, grad, _h, _dh):
+    def backward(ctx, grad):
         dw, coded, scale = ctx.saved_tensors
-        grad_v = grad * dw if ctx.needs_input_grad[0] else None
+        flat = grad.reshape(dw.shape)
+        grad_v = (flat * dw).view(grad.shape) if ctx.needs_input_grad[0] else None
         grad_s = None
         if coded is not None:
-            grad_s = (grad * coded).sum_to_size(scale.shape) * (scale >= 1e-8)
+            grad_s = (flat * coded).sum(1).reshape(scale.shape) * (scale >= 1e-8)
         return grad_v, None, grad_s, None, None, None
 
 
 class _Regulariser(torch.autograd.Function):
-    """R = Σ(1 − |2h − 1|^β) from h(V) and ∂h/∂V, keeping ∂R/∂V = −2β|2h − 1|^(β−1)·sign(2h − 1)·∂h/∂V only."""
+    """R(V) (see `_regulariser`), keeping only ∂R/∂V for the backward."""
 
     @staticmethod
-    def forward(ctx, v, h, dh, beta):
-        t = 2 * h - 1
-        a = t.abs()
-        a_pow = a.pow(beta - 1)  # one pow serves the value (a^β = a^(β−1)·a) and the gradient
-        ctx.save_for_backward(a_pow.mul(t.sign_()).mul_(dh).mul_(-2 * beta))
-        return a.numel() - a.mul_(a_pow).sum()
+    def forward(ctx, v, beta):
+        value, grad = _regulariser(v.reshape(-1), torch.tensor(float(beta), dtype=v.dtype, device=v.device))
+        ctx.save_for_backward(grad)
+        ctx.shape = v.shape
+        return value
 
     @staticmethod
     def backward(ctx, grad):
         (dr,) = ctx.saved_tensors
-        return grad * dr, None, None, None
+        return (grad * dr).view(ctx.shape), None
 
 
 def beta_at(step: int, total: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float | None:
@@ -129,22 +150,13 @@ class AdaRoundQuantizer(nn.Module):
 
     def forward(self, w: torch.Tensor | None = None) -> torch.Tensor:
         if self.hard:
-            self._last = None
             return self._grid((self.v >= 0).float())  # σ(V) ≥ 0.5 ⇔ V ≥ 0 ⇔ h ≥ 0.5
         qmin, qmax = qrange(self.bits)
-        w, h, dh = _SoftWeight.apply(self.v, self.floor, self.scale, self.zero_point, qmin, qmax)
-        self._last = (h, dh, self.v._version)  # reused by the regulariser until V changes
-        return w
+        return _SoftWeight.apply(self.v, self.floor, self.scale, self.zero_point, qmin, qmax)
 
     def regulariser(self, beta: float) -> torch.Tensor:
-        """Σ(1 − |2h(V) − 1|^β), reusing h(V) from the forward when V has not changed since (once per step)."""
-        last = getattr(self, "_last", None)
-        if last is None or last[2] != self.v._version:
-            with torch.no_grad():
-                h, dh = _soft_rounding(self.v)
-        else:
-            h, dh = last[0], last[1]
-        return _Regulariser.apply(self.v, h, dh, beta)
+        """Σ(1 − |2h(V) − 1|^β)."""
+        return _Regulariser.apply(self.v, beta)
 
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:

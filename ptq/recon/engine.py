@@ -219,7 +219,7 @@ def _optimise(
     device = next(module.parameters()).device
     params = [p for g in groups for p in g["params"]]
     cosine = [g.pop("cosine", False) for g in groups]
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(groups, fused=device.type in ("cpu", "cuda"))  # one kernel per step, not ~8 passes
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [_cosine(iters) if c else (lambda it: 1.0) for c in cosine])
     w = distributed.world()
     n = len(data)

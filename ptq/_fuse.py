@@ -1,0 +1,48 @@
+"""Chains of element-wise operations compiled into single kernels (`torch.compile`), with an eager fallback.
+
+Reconstruction spends most of an iteration in element-wise work over every weight (AdaRound's soft rounding and
+its regulariser) and every activation (fake quantization with QDrop mixing): a dozen passes over the same memory
+each, which one compiled kernel does in one. A function wrapped with `fused` is compiled on its first call with
+dynamic shapes (callers flatten tensors so that one graph serves every layer); where compilation is unavailable
+(no C++ compiler, no Triton) or fails, a warning says so once and the function runs op by op from then on, with
+the same results up to floating-point rounding. `PTQ_COMPILE=0` turns compilation off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable)
+
+
+def compiling_allowed() -> bool:
+    return os.environ.get("PTQ_COMPILE", "1") != "0"
+
+
+def fused(fn: F) -> F:
+    """`fn` compiled on first use (see the module docstring); `fn.eager` is the uncompiled function."""
+    state: dict[str, Callable | None] = {"compiled": None}
+
+    @functools.wraps(fn)
+    def call(*args):
+        if state["compiled"] is False or not compiling_allowed() or torch.compiler.is_compiling():
+            return fn(*args)
+        if state["compiled"] is None:
+            state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)
+        try:
+            return state["compiled"](*args)
+        except Exception as exc:  # noqa: BLE001 - any failure to compile means: run it eagerly
+            state["compiled"] = False
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("could not compile %s (%s); running it op by op, which is slower", fn.__name__, reason[:200])
+            return fn(*args)
+
+    call.eager = fn
+    return call  # type: ignore[return-value]
