@@ -56,3 +56,18 @@ def test_compiled_activation_kernel_equals_its_eager_form(keep, learn):
     got, want = _act_backward(grad, got[1], got[2]), _act_backward.eager(grad, want[1], want[2])
     assert torch.equal(got[0], want[0])
     assert (got[1] is None) == (not learn) and (not learn or torch.allclose(got[1], want[1], rtol=1e-5))
+
+
+def test_the_gpu_mask_form_gives_the_same_values():
+    """On GPUs the masks stay bool (`_mask_dtype`, `_as_weights`); checked here on the op-by-op form."""
+    from ptq.quant.functional import _act_backward, _act_forward
+
+    torch.manual_seed(0)
+    x, grad = torch.randn(1000) * 3, torch.randn(1000)
+    s, z = torch.tensor(0.1), torch.tensor(7.0)
+    keep = torch.rand(1000) < 0.5
+    gpu = _act_forward.eager(x, s, -z, 15 - z, keep, True, torch.bool)
+    cpu = _act_forward.eager(x, s, -z, 15 - z, keep.view(torch.uint8), True, torch.float32)
+    assert gpu[1].dtype == torch.bool and torch.equal(gpu[1].float(), cpu[1])
+    assert torch.equal(gpu[0], cpu[0]) and torch.equal(gpu[2], cpu[2])
+    assert torch.equal(_act_backward.eager(grad, gpu[1], gpu[2])[0], _act_backward.eager(grad, cpu[1], cpu[2])[0])
