@@ -35,6 +35,8 @@ def fused(fn: F) -> F:
         if state["compiled"] is False or not compiling_allowed() or torch.compiler.is_compiling():
             return fn(*args)
         if state["compiled"] is None:
+            # inductor's C++ toolchain set-up warns that no CUDA runtime exists on CPU-only machines: not our concern
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)
         try:
             return state["compiled"](*args)
