@@ -98,6 +98,10 @@ def test_keep_mask_has_the_asked_probability_and_no_pattern(p):
     mask = keep_mask(torch.empty(64, 32, 16, 16), p)
     assert mask.dtype == torch.bool and mask.shape == (64, 32, 16, 16)
     assert abs(mask.float().mean().item() - p) < 0.005
-    # neighbouring elements (which share a random byte when p = 1/2) are uncorrelated
+    # neighbouring elements (which share a random word when p = 1/2) are uncorrelated, and so are elements a byte
+    # or a word apart
     flat = mask.flatten().float()
-    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
+    for lag in (1, 8, 64):
+        assert abs(torch.corrcoef(torch.stack([flat[:-lag], flat[lag:]]))[0, 1].item()) < 0.01
+    odd = keep_mask(torch.empty(3, 5, 7), p)  # not a whole number of random words
+    assert odd.dtype == torch.bool and odd.shape == (3, 5, 7)
