@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from ptq._io import write_json
-from ptq.config import Method, ReconConfig
-from ptq.recon.engine import collect, unit_error
+from ptq.config import Method, QuantConfig, ReconConfig
+from ptq.quant import prepare
+from ptq.recon.engine import collect, fp_reference, unit_error
 from ptq.recon.run import units_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +30,11 @@ from recon_quality import cell  # noqa: E402
 from synth_quality import judge  # noqa: E402
 
 
-def unit_errors(qmodel, units, images, batch) -> dict[str, float]:
+def unit_errors(qmodel, reference, units, images, batch) -> dict[str, float]:
     batches = [images[i : i + batch] for i in range(0, len(images), batch)]
-    return {u.name: unit_error(qmodel, u, collect(qmodel, u, batches, fp_inputs=False)) for u in units}
+    return {
+        u.name: unit_error(qmodel, u, collect(qmodel, u, batches, fp_inputs=False, reference=reference)) for u in units
+    }
 
 
 def main() -> None:
@@ -51,13 +54,15 @@ def main() -> None:
     order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))
     calib, held_out = xtr[order[:1024]], xtr[order[1024:2048]]  # the calibration set of recon_quality.py, and others
     recon = ReconConfig(iters=args.iters, batch_size=32, lr=args.lr)
+    config = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits)
+    reference = fp_reference(prepare(model, config, calib[:1]))  # the FP network, laid out as the quantized one
     result = {"w_bits": args.w_bits, "a_bits": args.a_bits, "iters_per_unit": args.iters, "lr": args.lr, "rows": []}
     for name in args.methods.split(","):
         method = Method(name)
         qmodel, info = cell(model, calib, args.w_bits, args.a_bits, method, recon, device)
         units = units_for(qmodel, Method.BRECQ, calib[:1])  # the same blocks for every method
-        errors = {"calibration": unit_errors(qmodel, units, calib, 64)}
-        errors["held_out"] = unit_errors(qmodel, units, held_out, 64)
+        errors = {"calibration": unit_errors(qmodel, reference, units, calib, 64)}
+        errors["held_out"] = unit_errors(qmodel, reference, units, held_out, 64)
         top1 = judge(qmodel, model, xte, yte, device)["top1"]
         result["rows"].append({"method": name, "top1": top1, **errors, **info})
         print(f"{name:9s} top-1 {top1:.2f}%", flush=True)

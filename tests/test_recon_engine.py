@@ -45,6 +45,37 @@ def test_reconstructing_every_unit_recovers_the_accuracy_rtn_loses(digits_model,
     assert acc > rtn_acc + 10 and acc >= accuracy(digits_model, xte, yte) - 2
 
 
+def test_targets_stay_the_fp_networks_after_earlier_units_are_reconstructed(digits_model, digits):
+    """Reconstruction writes rounded weights into the model's layers; the targets of later units must still come
+    from the FP network (the reference copy), not from the model with its quantizers off."""
+    from ptq.recon.engine import fp_reference
+
+    qmodel, batches = _quantized(digits_model, digits, w_bits=3, a_bits=4)
+    reference = fp_reference(qmodel)
+    units = find_units(qmodel, batches[0][:1])
+    first, later = units[0], units[-1]
+    before = collect(qmodel, later, batches)  # nothing reconstructed yet: quantizers off is the FP network
+    reconstruct_unit(qmodel, first, collect(qmodel, first, batches, reference=reference), iters=20, lr=1e-2)
+    after = collect(qmodel, later, batches, reference=reference)
+    stale = collect(qmodel, later, batches)
+    assert torch.equal(after.targets, before.targets) and torch.equal(after.fp_inputs, before.fp_inputs)
+    assert not torch.allclose(stale.targets, before.targets)  # the first unit's rounded weights leak in
+
+
+def test_a_whole_reconstruction_takes_its_targets_from_the_fp_network(digits_model, digits):
+    from ptq.config import Method, ReconConfig
+    from ptq.recon.engine import fp_reference
+    from ptq.recon.run import reconstruct, units_for
+
+    qmodel, batches = _quantized(digits_model, digits, w_bits=3, a_bits=4)
+    reference = fp_reference(qmodel)
+    summary = reconstruct(qmodel, batches, Method.QDROP, ReconConfig(iters=20, batch_size=16, lr=1e-2))
+    last = units_for(qmodel, Method.QDROP, batches[0][:1])[-1]
+    want = unit_error(qmodel, last, collect(qmodel, last, batches, reference=reference))
+    assert summary["per_unit"][-1]["error"] == pytest.approx(want, rel=1e-5)
+    assert unit_error(qmodel, last, collect(qmodel, last, batches)) < 0.9 * want  # what the stale targets claim
+
+
 def test_qdrop_with_keep_probability_one_is_the_plain_quantized_forward(digits_model, digits):
     qmodel, batches = _quantized(digits_model, digits, a_bits=4)
     x = batches[0]

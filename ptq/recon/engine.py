@@ -1,9 +1,10 @@
 """One reconstruction engine for layers and blocks (AdaRound arXiv 2004.10568, BRECQ 2102.05426, QDrop 2203.05740,
 Genie-M 2212.04780); the methods differ only in `Settings`.
 
-For a unit of a prepared, calibrated model: its inputs come from the already-quantized model, its targets from the
-same model with quantization off (the BN-folded FP network), both collected for the calibration images one unit at
-a time. The unit's weight quantizers are replaced by AdaRound quantizers and trained with Adam to minimise
+For a unit of a prepared, calibrated model: its inputs come from the already-quantized model, its targets from an
+FP copy of the model taken before reconstruction began (the BN-folded FP network: the model's own layers hold
+rounded weights once their unit is done), both collected for the calibration images one unit at a time. The
+unit's weight quantizers are replaced by AdaRound quantizers and trained with Adam to minimise
 
     L = Σ_c w·(ẑ − z)² averaged over (N, H, W)  +  λ · Σ (1 − |2h(V) − 1|^β)     (β: 20 → 2 after a 20% warm-up)
 
@@ -19,6 +20,7 @@ result becomes the layers' weights, exactly on their quantizers' grids.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -89,6 +91,16 @@ class UnitData:
         )
 
 
+def fp_reference(model: nn.Module) -> nn.Module:
+    """An FP copy of a prepared model (quantization off, nothing learns) whose forwards give the targets.
+
+    Make it before any unit is reconstructed: reconstruction writes each unit's rounded weights into the model's
+    layers, so the model with its quantizers switched off is no longer the FP network once a unit is done."""
+    reference = copy.deepcopy(model)
+    set_quant_state(reference, False, False)
+    return reference.requires_grad_(False)
+
+
 @torch.no_grad()
 def collect(
     model: nn.Module,
@@ -98,12 +110,16 @@ def collect(
     dtype: torch.dtype = torch.float32,
     fp_inputs: bool = True,
     fisher: bool = False,
+    reference: nn.Module | None = None,
 ) -> UnitData:
     """Inputs (quantized and, if asked, FP) and FP outputs of one unit for every calibration batch.
 
-    Forwards stop at the unit, except with `fisher`: the FP forward then runs to the logits and back, and the
-    squared gradient of the cross-entropy with the FP model's own predictions is taken at the unit's output."""
-    module = unit.module(model)
+    The quantized inputs come from `model` as it is (its quantizers as they are set); the FP inputs and outputs
+    from `reference` (`fp_reference`), or, without one, from `model` with every quantizer off — the FP network
+    only while no unit of `model` has been reconstructed yet. Forwards stop at the unit, except with `fisher`: the
+    FP forward then runs to the logits and back, and the squared gradient of the cross-entropy with the FP model's
+    own predictions is taken at the unit's output."""
+    fp_model = reference if reference is not None else model
     store = torch.device(store)
     seen: dict[str, list[torch.Tensor]] = {"q_in": [], "fp_in": [], "fp_out": [], "fisher": []}
     mode: dict[str, bool] = {}
@@ -125,24 +141,29 @@ def collect(
         return leaf[-1]  # the rest of the network runs from a leaf whose gradient is the one wanted
 
     states = {m: m.enabled for m in model.modules() if isinstance(m, (ActQuantizer, WeightQuantizer))}
-    handle = module.register_forward_hook(hook)
+    modules = {unit.module(model), unit.module(fp_model)}
+    handles = [m.register_forward_hook(hook) for m in modules]
     try:
         for x in batches:
             for quant in (False, True):
                 mode["quant"] = quant
-                set_quant_state(model, quant, quant)
+                if fp_model is model:
+                    for m, enabled in states.items():
+                        m.enabled = enabled and quant
+                net = model if quant else fp_model
                 try:
                     if fisher and not quant:
                         with torch.enable_grad():
-                            logits = model(x)
+                            logits = net(x)
                             F.cross_entropy(logits, logits.argmax(1), reduction="sum").backward(inputs=leaf[-1:])
                         seen["fisher"].append(keep(leaf.pop().grad.square()))
                     else:
-                        model(x)
+                        net(x)
                 except _Stop:
                     pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         for m, enabled in states.items():
             m.enabled = enabled
     weights = None

@@ -31,7 +31,7 @@ from ptq import distributed
 from ptq._io import atomic_path
 from ptq.config import ActSteps, ConfigError, Method, ReconConfig, to_plain
 from ptq.quant.modules import ActQuantizer
-from ptq.recon.engine import Settings, collect, reconstruct_unit, total_iters, unit_error
+from ptq.recon.engine import Settings, collect, fp_reference, reconstruct_unit, total_iters, unit_error
 from ptq.recon.units import Unit, find_units
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ def reconstruct(
     work = Path(work_dir) if work_dir is not None else None
     if work is not None and w.main:
         work.mkdir(parents=True, exist_ok=True)
+    reference = fp_reference(model)  # the FP targets, kept apart from the weights reconstruction rounds
     summary: list[dict[str, Any]] = []
     counts = [total_iters(settings, u, model) for u in units]
     total = sum(counts)
@@ -233,7 +234,7 @@ def reconstruct(
             if progress is not None:
                 progress("reconstruct", done + counts[i], total, note=f"{label} resumed")
             continue
-        data = collect(model, unit, batches, plan.store, plan.dtype, settings.keep_prob < 1, config.fisher)
+        data = collect(model, unit, batches, plan.store, plan.dtype, settings.keep_prob < 1, config.fisher, reference)
         before = unit_error(model, unit, data)
 
         def step(it, rec, done=done, label=label):
