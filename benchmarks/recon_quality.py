@@ -11,8 +11,8 @@ KL and logit SQNR against FP on the 66 sample photos.
 
 The bit convention is the project default (`qdrop`: first/last layer weights 8-bit). Synthetic sets are made with the
 product's resumable synthesizer and kept in the cache folder; every finished cell is written to the JSON at once and
-skipped when the command is rerun, so an interrupted run resumes. `--iters` sets iterations per unit (published:
-20,000); the JSON records it.
+skipped when the command is rerun, so an interrupted run resumes; runs with different `--methods`/`--settings` may
+share the file at the same time. `--iters` sets iterations per unit (published: 20,000); the JSON records it.
 """
 
 from __future__ import annotations
@@ -67,18 +67,31 @@ def cell(model, calib, w_bits, a_bits, method, recon, device) -> tuple[torch.nn.
     return qmodel, info
 
 
+def key(row) -> tuple:
+    return row["source"], row["w_bits"], row["a_bits"], row["method"]
+
+
+def save(out, result, row) -> None:
+    """Add one finished cell; rows another run has written to the same file meanwhile are kept."""
+    on_disk = json.loads(out.read_text())["rows"] if out.is_file() else []
+    mine = {key(r) for r in result["rows"]}
+    result["rows"] += [r for r in on_disk if key(r) not in mine and key(r) != key(row)]
+    result["rows"].append(row)
+    write_json(out, result)
+
+
 def run_grid(result, out, model, sources, settings, methods, recon, device, x, y, fmt):
-    done = {(r["source"], r["w_bits"], r["a_bits"], r["method"]) for r in result["rows"]}
     for w, a in settings:
         for source, calib in sources.items():
             for m in methods:
-                key = (source, w, a, m)
-                if key in done:
+                done = {key(r) for r in result["rows"]}
+                if out.is_file():
+                    done |= {key(r) for r in json.loads(out.read_text())["rows"]}
+                if (source, w, a, m) in done:
                     continue
                 qmodel, info = cell(model, calib(), w, a, Method(m), recon, device)
                 summary = judge(qmodel, model, x, y, device)
-                result["rows"].append({"source": source, "w_bits": w, "a_bits": a, "method": m, **summary, **info})
-                write_json(out, result)
+                save(out, result, {"source": source, "w_bits": w, "a_bits": a, "method": m, **summary, **info})
                 print(f"{source:7s} W{w}A{a} {m:9s} {fmt(summary)}  {info.get('recon_seconds', 0):.0f}s", flush=True)
 
 
@@ -124,7 +137,7 @@ def run_fmnist(args, device, out, result):
         "fdda": lazy(fdda),
     }
     sources = {k: v for k, v in sources.items() if k in args.sources.split(",")}
-    settings = [(4, 4), (2, 4), (4, 8), (8, 8)]
+    settings = args.settings or [(4, 4), (2, 4), (4, 8), (8, 8)]
     run_grid(
         result, out, model, sources, settings, args.methods.split(","), recon_config(args), device, xte, yte,
         lambda s: f"top-1 {s['top1']:6.2f}% (FP {result['fp_top1']:.2f})",
@@ -144,8 +157,18 @@ def run_lite0(args, device, out, result):
         return f"agreement {s['agreement']:6.2f}%  KL {s['kl']:.4f}  SQNR {s['sqnr_db']:.2f} dB"
 
     methods = [m for m in args.methods.split(",") if m in ("rtn", "qdrop")]
-    settings = [(4, 8), (4, 4), (8, 8)]
+    settings = args.settings or [(4, 8), (4, 4), (8, 8)]
     run_grid(result, out, model, {"intraq": lazy(intraq)}, settings, methods, recon_config(args), device, x, None, fmt)
+
+
+def settings_arg(text: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(b) for b in pair.split("/")) for pair in text.split(",")]
+        if all(len(p) == 2 for p in pairs):
+            return pairs
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected W/A pairs like 4/4,2/4")
 
 
 def main() -> None:
@@ -158,6 +181,9 @@ def main() -> None:
     parser.add_argument("--synth-scale", type=float, default=1.0, help="Multiply the synthesis iterations.")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sources", default="intraq,real,fdda")
+    parser.add_argument(
+        "--settings", type=settings_arg, default=None, help="Comma-separated W/A pairs, e.g. 4/4,2/4 (default: all)."
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
