@@ -105,3 +105,15 @@ def test_keep_mask_has_the_asked_probability_and_no_pattern(p):
         assert abs(torch.corrcoef(torch.stack([flat[:-lag], flat[lag:]]))[0, 1].item()) < 0.01
     odd = keep_mask(torch.empty(3, 5, 7), p)  # not a whole number of random words
     assert odd.dtype == torch.bool and odd.shape == (3, 5, 7)
+
+
+def test_activation_step_gradient_without_an_input_gradient():
+    """A unit's first quantizer sees data that needs no gradient: only the step's is computed, and it is LSQ's."""
+    from ptq.quant.functional import act_fake_quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4) * 3
+    s, z = torch.tensor([0.1], requires_grad=True), torch.tensor([7.0])
+    (gs,) = torch.autograd.grad(act_fake_quantize(x, s, z, 4).sum(), s)
+    (gs_ref,) = torch.autograd.grad(_lsq_reference(x, s, z, 4).sum(), s)
+    assert torch.allclose(gs, gs_ref, rtol=1e-5)

@@ -48,26 +48,33 @@ def test_compiled_activation_kernel_equals_its_eager_form(keep, learn):
     x = torch.randn(10_000) * 3
     s, z = torch.tensor(0.1), torch.tensor(7.0)
     mask = (torch.rand(10_000) < 0.5).to(torch.uint8) if keep else None
-    got = _act_forward(x, s, -z, 15 - z, mask, learn, torch.float32)
-    want = _act_forward.eager(x, s, -z, 15 - z, mask, learn, torch.float32)
-    for a, b in zip(got, want, strict=True):
-        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(_act_forward(x, s, -z, 15 - z, mask), _act_forward.eager(x, s, -z, 15 - z, mask))
     grad = torch.randn(10_000)
-    got, want = _act_backward(grad, got[1], got[2]), _act_backward.eager(grad, want[1], want[2])
+    got = _act_backward(grad, x, s, -z, 15 - z, mask, True, learn)
+    want = _act_backward.eager(grad, x, s, -z, 15 - z, mask, True, learn)
     assert torch.equal(got[0], want[0])
     assert (got[1] is None) == (not learn) and (not learn or torch.allclose(got[1], want[1], rtol=1e-5))
 
 
 def test_the_gpu_mask_form_gives_the_same_values():
-    """On GPUs the masks stay bool (`_mask_dtype`, `_as_weights`); checked here on the op-by-op form."""
+    """On GPUs the masks stay bool (`_as_weights`); checked here on the op-by-op form."""
     from ptq.quant.functional import _act_backward, _act_forward
 
     torch.manual_seed(0)
     x, grad = torch.randn(1000) * 3, torch.randn(1000)
     s, z = torch.tensor(0.1), torch.tensor(7.0)
     keep = torch.rand(1000) < 0.5
-    gpu = _act_forward.eager(x, s, -z, 15 - z, keep, True, torch.bool)
-    cpu = _act_forward.eager(x, s, -z, 15 - z, keep.view(torch.uint8), True, torch.float32)
-    assert gpu[1].dtype == torch.bool and torch.equal(gpu[1].float(), cpu[1])
-    assert torch.equal(gpu[0], cpu[0]) and torch.equal(gpu[2], cpu[2])
-    assert torch.equal(_act_backward.eager(grad, gpu[1], gpu[2])[0], _act_backward.eager(grad, cpu[1], cpu[2])[0])
+    for form in (keep, keep.view(torch.uint8)):
+        assert torch.equal(_act_forward.eager(x, s, -z, 15 - z, form), _act_forward.eager(x, s, -z, 15 - z, keep))
+        got = _act_backward.eager(grad, x, s, -z, 15 - z, form, True, True)
+        want = _act_backward.eager(grad, x, s, -z, 15 - z, keep, True, True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_compiled_bit_unpacking_equals_its_eager_form():
+    from ptq.quant.functional import _bits
+
+    octets = torch.randint(0, 256, (1001,), dtype=torch.uint8)
+    bits = _bits(octets)
+    assert torch.equal(bits, _bits.eager(octets))
+    assert torch.equal(bits.view(-1, 8).double() @ (2.0 ** torch.arange(8)).double(), octets.double())

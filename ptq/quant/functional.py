@@ -89,9 +89,14 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     if p != 0.5:
         return torch.rand_like(x) < p
     words = torch.empty((x.numel() + 63) // 64, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
-    bits = torch.arange(8, dtype=torch.uint8, device=x.device)
-    raw = words.view(torch.uint8).view(-1, 1).bitwise_right_shift(bits).bitwise_and_(1)
-    return raw.view(-1)[: x.numel()].view(torch.bool).view(x.shape)
+    return _bits(words.view(torch.uint8))[: x.numel()].view(torch.bool).view(x.shape)
+
+
+@fused
+def _bits(octets):
+    """The bits of each byte, least significant first, as 0/1 bytes: 8 × as many elements."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=octets.device)
+    return octets.view(-1, 1).bitwise_right_shift(shifts).bitwise_and(1).view(-1)
 
 
 def _as_weights(keep: torch.Tensor) -> torch.Tensor:
@@ -102,33 +107,31 @@ def _as_weights(keep: torch.Tensor) -> torch.Tensor:
 
 
 @fused
-def _act_forward(x, scale, lo, hi, keep, need_coeff: bool, mask_dtype: torch.dtype):
-    """One pass of `_ActFakeQuant.forward` over a flat x, with the grid [lo, hi] in units of the step (0-d tensors:
-    integer arguments would be symbolic in the kernel, which then runs at half speed) and `keep` a 0/1 mask
-    (`_as_weights`) or None: (out, gradient mask in `mask_dtype`, ∂out/∂s coefficients or None)."""
-    v = x / scale
-    level = torch.clamp(torch.round(v), lo, hi)
-    inside = ((v >= lo) & (v <= hi)).to(mask_dtype)  # LSQ: clipping decided by x/s itself, not by its rounding
-    coeff = level - v * inside if need_coeff else None  # level − (x/s inside the grid)
-    out = level * scale
-    if keep is not None:
-        kept = keep.to(x.dtype)
-        out = torch.lerp(x, out, kept)  # exact at 0 and 1
-        inside = torch.maximum(inside, (kept == 0).to(mask_dtype))
-        coeff = coeff * kept if coeff is not None else None
-    return out, inside, coeff
+def _act_forward(x, scale, lo, hi, keep):
+    """`_ActFakeQuant.forward` over a flat x in one pass, with the grid [lo, hi] in units of the step (0-d tensors:
+    integer arguments would be symbolic in the kernel, which then runs at half speed) and `keep` a mask
+    (`_as_weights`) or None."""
+    out = torch.clamp(torch.round(x / scale), lo, hi) * scale
+    return out if keep is None else torch.lerp(x, out, keep.to(x.dtype))  # exact at 0 and 1
 
 
 @fused
-def _act_backward(grad, passes, coeff):
-    """(∂L/∂x, Σ ∂L/∂out · ∂out/∂s or None) over flat tensors, in one pass."""
-    return grad * passes, (grad * coeff).sum() if coeff is not None else None
-
-
-def _mask_dtype(x: torch.Tensor) -> torch.dtype:
-    """Masks inside the compiled activation kernels: bool on GPUs; on CPU, where compiled kernels store and load
-    bool tensors an element at a time (measured: 15-30× slower than a float), x's dtype."""
-    return torch.bool if x.is_cuda else x.dtype
+def _act_backward(grad, x, scale, lo, hi, keep, need_x: bool, need_scale: bool):
+    """(∂L/∂x or None, Σ ∂L/∂out · ∂out/∂s or None) over flat tensors in one pass, recomputed from x: reading x
+    again costs less than writing a gradient mask and the step coefficients in the forward and reading them here."""
+    v = x / scale
+    inside = (v >= lo) & (v <= hi)  # LSQ: clipping decided by x/s itself, not by its rounding
+    grad_x = grad_s = None
+    if need_x:
+        passes = inside if keep is None else inside | (keep == 0)
+        grad_x = torch.where(passes, grad, 0.0)
+    if need_scale:
+        level = torch.clamp(torch.round(v), lo, hi)
+        coeff = torch.where(inside, level - v, level)
+        if keep is not None:
+            coeff = coeff * keep.to(x.dtype)
+        grad_s = (grad * coeff).sum()
+    return grad_x, grad_s
 
 
 class _ActFakeQuant(torch.autograd.Function):
@@ -138,30 +141,29 @@ class _ActFakeQuant(torch.autograd.Function):
     Forward: x̂ = (clamp(round(x/s) + z, qmin, qmax) − z)·s; where `keep` is given, out = keep ? x̂ : x.
     Backward (straight-through, LSQ arXiv 1902.08153): ∂out/∂x = 1 where the element passes FP or x/s + z lies
     inside [qmin, qmax], else 0; ∂out/∂s = round(x/s) − x/s inside the grid, (qmin|qmax) − z where clipped, 0 where
-    FP passes; the step's gradient is multiplied by `grad_factor` (LSQ's 1/√(N·Qp)). The forward keeps only what
-    the backward needs: a boolean gradient mask and, if the step learns, the ∂out/∂s coefficients.
+    FP passes; the step's gradient is multiplied by `grad_factor` (LSQ's 1/√(N·Qp)). The forward keeps x and the
+    mask (a byte per element); the backward recomputes what it needs from them.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, keep, grad_factor):
-        masks = _mask_dtype(x)
         flat = _as_weights(keep) if keep is not None else None
         zero_point = zero_point.reshape(()).to(x.dtype)
         lo, hi = qmin - zero_point, qmax - zero_point  # the grid in units of the step, zero point removed
-        out, passes, coeff = _act_forward(
-            x.reshape(-1), scale.reshape(()), lo, hi, flat, ctx.needs_input_grad[1], masks
-        )
-        ctx.save_for_backward(passes, coeff)
+        step = scale.reshape(())
+        out = _act_forward(x.reshape(-1), step, lo, hi, flat)
+        ctx.save_for_backward(x, step.detach(), lo, hi, flat)
         ctx.grad_factor, ctx.scale_shape = grad_factor, scale.shape
         return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        passes, coeff = ctx.saved_tensors
-        grad_x, grad_s = _act_backward(grad.reshape(-1), passes, coeff)
+        x, scale, lo, hi, keep = ctx.saved_tensors
+        need_x, need_scale = ctx.needs_input_grad[:2]
+        grad_x, grad_s = _act_backward(grad.reshape(-1), x.reshape(-1), scale, lo, hi, keep, need_x, need_scale)
         if grad_s is not None:
             grad_s = grad_s.mul(ctx.grad_factor).reshape(ctx.scale_shape)
-        return grad_x.view(grad.shape) if ctx.needs_input_grad[0] else None, grad_s, None, None, None, None, None
+        return grad_x.view(grad.shape) if grad_x is not None else None, grad_s, None, None, None, None, None
 
 
 @fused
