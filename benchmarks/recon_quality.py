@@ -2,6 +2,7 @@
 
     python benchmarks/recon_quality.py fmnist [--iters 20000] [--device cuda]   # needs dataset-fashion-mnist
     python benchmarks/recon_quality.py lite0  [--iters 20000] [--device cuda]
+    python benchmarks/recon_quality.py fmnist --iters 1000 --table   # a results file as the README's table
 
 fmnist: the timm ResNet-18 trained on Fashion-MNIST (`fashion_mnist.py train`, run first if its weights are missing);
 top-1 on the 10k test set for W8A8, W4A8, W4A4, W2A4 × {rtn, adaround, brecq, qdrop} × calibration on
@@ -161,6 +162,30 @@ def run_lite0(args, device, out, result):
     run_grid(result, out, model, {"intraq": lazy(intraq)}, settings, methods, recon_config(args), device, x, None, fmt)
 
 
+def table(result) -> str:
+    """The README's table of a results file: a row per setting and method, a column per calibration source."""
+    rows = {key(r): r for r in result["rows"]}
+    sources = [s for s in ("real", "intraq", "fdda") if any(k[0] == s for k in rows)]
+    settings = sorted({(k[1], k[2]) for k in rows}, key=lambda wa: (-wa[0] - wa[1], -wa[1]))
+    fmnist = result["model"] == "fmnist"
+
+    def cell(row):
+        if row is None:
+            return "—"
+        if fmnist:
+            return f"{row['top1']:.2f}%"
+        return f"{row['agreement']:.1f}% / {row['kl']:.3f} / {row['sqnr_db']:.2f} dB"
+
+    head = ["setting", "method", *sources]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(sources)]
+    for w, a in settings:
+        for m in METHODS[1:2] + METHODS[:1] + METHODS[2:]:  # rtn first
+            cells = [rows.get((s, w, a, m)) for s in sources]
+            if any(c is not None for c in cells):
+                lines.append(f"| W{w}A{a} | {m} | " + " | ".join(cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def settings_arg(text: str) -> list[tuple[int, int]]:
     try:
         pairs = [tuple(int(b) for b in pair.split("/")) for pair in text.split(",")]
@@ -186,12 +211,16 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--table", action="store_true", help="Print the results file as a Markdown table and exit.")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     name = f"recon_quality_{args.which}_{args.iters}it_lr{args.lr:g}_{device.type}.json"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     result = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    if args.table:
+        print(table(result))
+        return
     result.update(
         model=args.which, iters_per_unit=args.iters, lr=args.lr, batch=args.batch, synth_scale=args.synth_scale,
         torch=torch.__version__,
