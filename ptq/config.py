@@ -149,6 +149,7 @@ class SynthConfig:
     min_lr: float = 1e-4
     plateau_patience: int = 100  # iterations without improvement before the LR drops ×0.1
     plateau_window: int = 20  # the loss is read back from the device once per window, not every iteration
+    divergence: float = 4.0  # a window's mean loss above this × the best window's: restore the best state, LR ×0.1
     seed: int = 0
     classes: list | None = None  # restrict labels to these class indices
     per_sample_stats: bool | None = None
@@ -184,6 +185,8 @@ class SynthConfig:
         for name in ("lr", "min_lr", "latent_lr", "generator_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"synth.{name} must be > 0, got {getattr(self, name)!r}")
+        if isinstance(self.divergence, bool) or not (self.divergence == 0 or self.divergence > 1):
+            raise ConfigError(f"synth.divergence must be 0 (off) or > 1, got {self.divergence!r}")
         for name in (
             "w_bns",
             "w_input",

@@ -2,7 +2,9 @@
 
 Images live in the model's normalised input space and start from N(0, 1) (or come from Genie's generator). Adam
 (lr 0.5 on pixels) minimises the method's weighted sum of losses (`ptq.synth.losses`); the LR drops ×0.1 on a
-plateau down to 1e-4. Everything random in a batch comes from generators seeded by (seed, batch index), so a batch
+plateau down to 1e-4. A window whose mean loss exceeds `divergence` × the best window's so far (Adam at lr 0.5 on
+pixels can blow up, e.g. on small 28² inputs) restores the parameters and optimizer state of the best window and
+divides the LR by 10. Everything random in a batch comes from generators seeded by (seed, batch index), so a batch
 is the same whichever order or process makes it. The loss is read back from the device once per plateau window, not
 every iteration.
 
@@ -190,6 +192,7 @@ class Synthesizer:
         windows_patience = max(1, cfg.plateau_patience // cfg.plateau_window)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=windows_patience, min_lr=cfg.min_lr)
         window_sum = torch.zeros((), device=self.device)
+        best = _Best(opt)
         with ExitStack() as stack:
             stack.enter_context(frozen(self.model))
             if cfg.swing:
@@ -204,8 +207,14 @@ class Synthesizer:
                 opt.step()
                 window_sum += parts["total"].detach()
                 if (it + 1) % cfg.plateau_window == 0:
-                    sched.step(float(window_sum) / cfg.plateau_window)
+                    loss = float(window_sum) / cfg.plateau_window
                     window_sum.zero_()
+                    if cfg.divergence and loss > cfg.divergence * best.loss:
+                        best.restore(factor=0.1, min_lr=cfg.min_lr)
+                        log.debug("batch %d diverged at iteration %d (loss %.4g): best state restored", index, it, loss)
+                    else:
+                        best.keep(loss)
+                        sched.step(loss)
                 if step is not None:
                     step(it + 1)
         with torch.no_grad():
@@ -220,6 +229,28 @@ class Synthesizer:
                     counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
         centres = {"centre_sums": sums.cpu(), "centre_counts": counts.cpu()}
         return SynthBatch(images.detach().cpu(), labels.cpu(), {k: float(v) for k, v in final.items()}, centres)
+
+
+class _Best:
+    """The parameters and Adam state of the lowest-loss window so far, to fall back on when the loss diverges."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt, self.loss, self.saved = opt, float("inf"), None
+
+    def keep(self, loss: float) -> None:
+        if loss < self.loss:
+            self.loss = loss
+            params = [p for group in self.opt.param_groups for p in group["params"]]
+            self.saved = [(p, p.detach().clone(), {k: v.clone() for k, v in self.opt.state[p].items()}) for p in params]
+
+    @torch.no_grad()
+    def restore(self, factor: float, min_lr: float) -> None:
+        for p, value, state in self.saved:
+            p.copy_(value)
+            for k, v in state.items():
+                self.opt.state[p][k].copy_(v)
+        for group in self.opt.param_groups:
+            group["lr"] = max(group["lr"] * factor, min_lr)
 
 
 @torch.no_grad()
