@@ -289,3 +289,48 @@ def test_in_memory_batches_equal_the_written_set_and_later_rounds_use_the_class_
     batches = synthesize_batches(Synthesizer(digits_model, SIZE, config), batch_sizes(16, 4))
     assert torch.equal(torch.cat([b.images for b in batches]), SyntheticSet(tmp_path).images)
     assert meta["batch_losses"][0]["mdc"] == 0 < meta["batch_losses"][3]["mdc"]  # batch 0 has no centres yet
+
+
+def test_a_diverging_batch_falls_back_on_its_best_state(digits_model):
+    """A window in which the loss blows up (a term pushing every pixel up for iterations 61-80) is undone."""
+
+    def final(divergence, spike):
+        config = SynthConfig(method="bns", iters=200, batch_size=16, divergence=divergence)
+        synth = Synthesizer(digits_model, SIZE, config)
+        loss, calls = synth._loss, [0]
+
+        def spiked(x, *args):
+            parts = loss(x, *args)
+            calls[0] += 1
+            if spike and 60 < calls[0] <= 80:
+                parts["total"] = parts["total"] + 1e3 * (100 - x.mean())
+            return parts
+
+        synth._loss = spiked
+        return synth.batch(0, 16).losses["bns"]
+
+    clean = final(4.0, spike=False)
+    assert clean == final(0, spike=False)  # a run that does not diverge is untouched by the guard
+    assert final(0, spike=True) > 100 * clean
+    assert final(4.0, spike=True) < 5 * clean
+
+
+def test_restoring_the_best_state_brings_back_parameters_and_adam_moments_and_cuts_the_lr():
+    from ptq.synth.synthesizer import _Best
+
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = torch.optim.Adam([p], lr=0.5)
+    p.sum().backward()
+    opt.step()
+    best = _Best(opt)
+    best.keep(1.0)
+    saved = p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()
+    best.keep(2.0)  # worse: not kept
+    for _ in range(3):
+        (p**3).sum().backward()
+        opt.step()
+    assert not torch.equal(p.detach(), saved[0])
+    best.restore(factor=0.1, min_lr=0.1)
+    assert torch.equal(p.detach(), saved[0])
+    assert torch.equal(opt.state[p]["exp_avg"], saved[1]) and torch.equal(opt.state[p]["exp_avg_sq"], saved[2])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # 0.05 held at min_lr
