@@ -41,13 +41,15 @@ from synth_quality import judge  # noqa: E402
 METHODS = ("qdrop", "rtn", "brecq", "adaround")
 
 
-def synthetic(model, name, data_config, method, num, batch, device, class_stats=None, iters_scale=1.0) -> torch.Tensor:
+def synthetic(
+    model, name, data_config, method, num, batch, device, class_stats=None, iters_scale=1.0, lr=None
+) -> torch.Tensor:
     """A synthetic set made (or resumed, or reused) by the product's synthesizer in the cache folder."""
     preset = SynthConfig(method=method)
-    config = SynthConfig(
-        method=method, num_images=num, batch_size=batch, iters=max(1, round(preset.iters * iters_scale))
-    )
-    folder = cache_dir() / "bench" / f"{name}-{SynthMethod(method).value}-{num}-x{iters_scale}"
+    iters = max(1, round(preset.iters * iters_scale))
+    config = SynthConfig(method=method, num_images=num, batch_size=batch, iters=iters, lr=lr or preset.lr)
+    suffix = f"-lr{lr:g}" if lr else ""
+    folder = cache_dir() / "bench" / f"{name}-{SynthMethod(method).value}-{num}-x{iters_scale}{suffix}"
     start = time.perf_counter()
     synthesize(model, name, data_config, config, folder, device, class_stats)
     images = SyntheticSet(folder).images
@@ -126,11 +128,15 @@ def run_fmnist(args, device, out, result):
 
     def fdda():
         stats = class_statistics(model, one_per_class.to(device), torch.arange(10, device=device))
-        images = synthetic(model, name, data_config, SynthMethod.FDDA, 1024, 128, device, stats, args.synth_scale)
+        images = synthetic(
+            model, name, data_config, SynthMethod.FDDA, 1024, 128, device, stats, args.synth_scale, args.synth_lr
+        )
         return torch.cat([images, one_per_class])
 
     def intraq():
-        return synthetic(model, name, data_config, SynthMethod.INTRAQ, 1024, 128, device, None, args.synth_scale)
+        return synthetic(
+            model, name, data_config, SynthMethod.INTRAQ, 1024, 128, device, None, args.synth_scale, args.synth_lr
+        )
 
     sources = {
         "intraq": lazy(intraq),
@@ -152,7 +158,9 @@ def run_lite0(args, device, out, result):
     name = "tf_efficientnet_lite0"
 
     def intraq():
-        return synthetic(model, name, data_config, SynthMethod.INTRAQ, args.images, 32, device, None, args.synth_scale)
+        return synthetic(
+            model, name, data_config, SynthMethod.INTRAQ, args.images, 32, device, None, args.synth_scale, args.synth_lr
+        )
 
     def fmt(s):
         return f"agreement {s['agreement']:6.2f}%  KL {s['kl']:.4f}  SQNR {s['sqnr_db']:.2f} dB"
@@ -204,6 +212,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=256, help="lite0: synthetic calibration images.")
     parser.add_argument("--synth-scale", type=float, default=1.0, help="Multiply the synthesis iterations.")
+    parser.add_argument(
+        "--synth-lr", type=float, default=None, help="Adam lr on the synthetic pixels (default: the method's, 0.5)."
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sources", default="intraq,real,fdda")
     parser.add_argument(
@@ -215,7 +226,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    name = f"recon_quality_{args.which}_{args.iters}it_lr{args.lr:g}_{device.type}.json"
+    synth = f"_synthlr{args.synth_lr:g}" if args.synth_lr else ""
+    name = f"recon_quality_{args.which}_{args.iters}it_lr{args.lr:g}{synth}_{device.type}.json"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     result = json.loads(out.read_text()) if out.is_file() else {"rows": []}
     if args.table:
@@ -223,6 +235,7 @@ def main() -> None:
         return
     result.update(
         model=args.which, iters_per_unit=args.iters, lr=args.lr, batch=args.batch, synth_scale=args.synth_scale,
+        synth_lr=args.synth_lr or SynthConfig().lr,
         torch=torch.__version__,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     )  # fmt: skip
