@@ -291,7 +291,7 @@ def test_in_memory_batches_equal_the_written_set_and_later_rounds_use_the_class_
     assert meta["batch_losses"][0]["mdc"] == 0 < meta["batch_losses"][3]["mdc"]  # batch 0 has no centres yet
 
 
-def test_a_diverging_batch_falls_back_on_its_best_state(digits_model):
+def test_a_diverging_batch_falls_back_on_its_best_state(digits_model, caplog):
     """A window in which the loss blows up (a term pushing every pixel up for iterations 61-80) is undone."""
 
     def final(divergence, spike):
@@ -312,7 +312,9 @@ def test_a_diverging_batch_falls_back_on_its_best_state(digits_model):
     clean = final(4.0, spike=False)
     assert clean == final(0, spike=False)  # a run that does not diverge is untouched by the guard
     assert final(0, spike=True) > 100 * clean
+    assert "diverged" not in caplog.text
     assert final(4.0, spike=True) < 5 * clean
+    assert "synthesis batch 0: the loss diverged at iteration 80" in caplog.text and "synth.lr" in caplog.text
 
 
 def test_restoring_the_best_state_brings_back_parameters_and_adam_moments_and_cuts_the_lr():

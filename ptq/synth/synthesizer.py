@@ -211,7 +211,11 @@ class Synthesizer:
                     window_sum.zero_()
                     if cfg.divergence and loss > cfg.divergence * best.loss:
                         best.restore(factor=0.1, min_lr=cfg.min_lr)
-                        log.debug("batch %d diverged at iteration %d (loss %.4g): best state restored", index, it, loss)
+                        log.warning(
+                            "synthesis batch %d: the loss diverged at iteration %d (%.4g, best %.4g); went back to the "
+                            "best state at a 10× lower LR — if this recurs, lower synth.lr (--set synth.lr=0.1)",
+                            index, it + 1, loss, best.loss,
+                        )  # fmt: skip
                     else:
                         best.keep(loss)
                         sched.step(loss)
