@@ -210,11 +210,11 @@ class Synthesizer:
                     loss = float(window_sum) / cfg.plateau_window
                     window_sum.zero_()
                     if cfg.divergence and loss > cfg.divergence * best.loss:
-                        best.restore(factor=0.1, min_lr=cfg.min_lr)
+                        best.restore(factor=sched.factor, min_lr=cfg.min_lr)  # the plateau schedule's cut
                         log.warning(
                             "synthesis batch %d: the loss diverged at iteration %d (%.4g, best %.4g); went back to the "
-                            "best state at a 10× lower LR — if this recurs, lower synth.lr (--set synth.lr=0.1)",
-                            index, it + 1, loss, best.loss,
+                            "best state at a %g× lower LR — if this recurs, lower synth.lr (--set synth.lr=0.1)",
+                            index, it + 1, loss, best.loss, 1 / sched.factor,
                         )  # fmt: skip
                     else:
                         best.keep(loss)
