@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ptq quantize tf_efficientnet_lite0 --w-bits 4 --a-bits 8 --zero-shot --recipe fast \
-		--eval-data data/samples --out runs/demo-lite0-w4a8-zero-shot --overwrite
+	$(BIN)/ptq quantize tf_efficientnet_lite0 --bits 4 --zero-shot --recipe fast \
+		--eval-data data/samples --out runs/demo-lite0-w4a4-zero-shot --overwrite
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
