@@ -269,7 +269,10 @@ def quantize(
         fail("no calibration data: pass --calib-data DIR (a folder of images), or --zero-shot to synthesize it")
     if not zero_shot and (synth_method or num_images or synth_data):
         fail("--synth-method, --num-images and --synth-data apply to --zero-shot runs only")
-    with user_errors("nothing was written to --out; a synthetic set keeps its finished batches for a rerun"):
+    with user_errors(
+        "nothing was written to --out; rerun the same command to resume: a synthetic set keeps its finished "
+        "batches and a reconstruction its finished units"
+    ):
         flags = (
             _bit_flags(bits, w_bits, a_bits)
             | _budget_flags(size_budget, avg_bits, bops_budget)
