@@ -7,8 +7,8 @@ are reused. glibc also gives the free top of the heap back to the OS once it exc
 and the next large tensor faults those pages in again: a forward+backward of lite0 at batch 32 on 2 cores paid
 ~90,000 page faults and took 1.03–1.10 s that way, 0.93–0.94 s with the trim threshold at 512 MiB (no faults), at
 the same peak resident set and no higher peak in `benchmarks/recon_memory.py`. The threshold bounds what the
-process keeps without using (an earlier, larger setting cost 1.2 GB more peak memory there). The command line turns
-both on; `PTQ_MALLOC_TUNING=0` leaves the allocator as it is.
+process keeps without using (an earlier setting, its value not recorded, cost 1.2 GB more peak memory there). The
+command line turns both on; `PTQ_MALLOC_TUNING=0` leaves the allocator as it is.
 """
 
 from __future__ import annotations
