@@ -20,6 +20,11 @@ import torch
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable)
+RECOMPILE_LIMIT = 64
+# With dynamic shapes inductor may judge a CPU kernel too small to share out and run it on one thread: the
+# activation kernel with a ReLU6 taken in ran serially (6 M elements: 3.5 ms on 2 threads, 1.8 ms once shared out).
+# This option makes every kernel a parallel region and leaves the thread count to OpenMP.
+OPTIONS = {"cpp.dynamic_threads": True}
 
 
 def compiling_allowed() -> bool:
@@ -37,7 +42,13 @@ def fused(fn: F) -> F:
         if state["compiled"] is None:
             # inductor's C++ toolchain set-up warns that no CUDA runtime exists on CPU-only machines: not our concern
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-            state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)
+            # one graph per combination of None/bool arguments and dtypes: more than dynamo's default limit of 8
+            # per function, past which a full-graph compile fails (and the function would run op by op)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True, options=OPTIONS)
+        if not torch.is_grad_enabled():  # e.g. inside an autograd.Function: an input that requires grad would
+            # still be traced as one, and its kernel ran at half speed (AdaRound's soft weight: 4.1 vs 2.1 ms)
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
             return state["compiled"](*args)
         except Exception as exc:  # noqa: BLE001 - any failure to compile means: run it eagerly

@@ -61,7 +61,9 @@ def test_fused_soft_weight_and_regulariser_match_the_formulas_and_their_autograd
     the plain formulas, clipped h and clipped grid levels included; compiled into one kernel or op by op."""
     monkeypatch.setenv("PTQ_COMPILE", compiled)
     from ptq.quant.functional import qrange
-    from ptq.recon.adaround import rounding_regulariser
+
+    def rounding_regulariser(v, beta):  # Σ(1 − |2h(V) − 1|^β), the plain formula
+        return (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
 
     w, scale, zp = _setup(bits=3)
     q = AdaRoundQuantizer(w, scale, zp, 3, learn_scale=learn_scale)
@@ -83,4 +85,9 @@ def test_fused_soft_weight_and_regulariser_match_the_formulas_and_their_autograd
     assert torch.allclose(w_new, w_ref, rtol=1e-6, atol=1e-7)
     assert torch.allclose(r_new, r_ref, rtol=1e-6)
     for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    q.beta = 7.0  # the regulariser computed in the weight's own pass, as during reconstruction
+    w_one = q()
+    assert torch.equal(w_one, w_new) and torch.allclose(q.penalty, r_ref, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad((w_one * g).sum() + 0.3 * q.penalty, params), want, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

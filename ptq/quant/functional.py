@@ -11,6 +11,8 @@ shape (C, 1, 1, 1) / (C, 1) for per-output-channel weights.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ptq._fuse import fused
@@ -82,21 +84,24 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return float(10 * torch.log10(signal / noise))
 
 
-def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A boolean mask shaped like `x`, each element True with probability `p`. For p = 1/2 (QDrop's default) the
-    bits of random 64-bit integers are used: 64 mask elements per random number, several times cheaper than
-    `rand_like`. The mask is a view of 0/1 bytes (`_as_weights` reads it without a copy)."""
+def keep_mask(x: torch.Tensor, p: float, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A boolean mask shaped like `x` (or `shape`, on x's device), each element True with probability `p`. For
+    p = 1/2 (QDrop's default) the bits of random 64-bit integers are used: 64 mask elements per random number,
+    several times cheaper than `rand`. The mask is a view of 0/1 bytes (`_as_weights` reads it without a copy)."""
+    shape = tuple(x.shape if shape is None else shape)
+    numel = math.prod(shape)
     if p != 0.5:
-        return torch.rand_like(x) < p
-    words = torch.empty((x.numel() + 63) // 64, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
-    return _bits(words.view(torch.uint8))[: x.numel()].view(torch.bool).view(x.shape)
+        return torch.rand(shape, device=x.device) < p
+    words = torch.empty((numel + 63) // 64, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
+    return _bits(words.view(torch.uint8))[:numel].view(torch.bool).view(shape)
 
 
 @fused
 def _bits(octets):
-    """The bits of each byte, least significant first, as 0/1 bytes: 8 × as many elements."""
+    """The bits of n bytes as 8·n 0/1 bytes, bit plane by bit plane: element j·n + i is bit j of byte i (byte by
+    byte, a compiled kernel would fill a vector register with only 8 results at a time)."""
     shifts = torch.arange(8, dtype=torch.uint8, device=octets.device)
-    return octets.view(-1, 1).bitwise_right_shift(shifts).bitwise_and(1).view(-1)
+    return octets.view(1, -1).bitwise_right_shift(shifts.view(-1, 1)).bitwise_and(1).view(-1)
 
 
 def _as_weights(keep: torch.Tensor) -> torch.Tensor:
@@ -107,24 +112,30 @@ def _as_weights(keep: torch.Tensor) -> torch.Tensor:
 
 
 @fused
-def _act_forward(x, scale, lo, hi, keep):
+def _act_forward(x, scale, lo, hi, keep, floor, ceil):
     """`_ActFakeQuant.forward` over a flat x in one pass, with the grid [lo, hi] in units of the step (0-d tensors:
-    integer arguments would be symbolic in the kernel, which then runs at half speed) and `keep` a mask
-    (`_as_weights`) or None."""
+    integer arguments would be symbolic in the kernel, which then runs at half speed), `keep` a mask
+    (`_as_weights`) or None, and [floor, ceil] a preceding ReLU/ReLU6's range (0-d tensors) or None."""
+    if floor is not None:
+        x = torch.clamp(x, floor, ceil)
     out = torch.clamp(torch.round(x / scale), lo, hi) * scale
     return out if keep is None else torch.lerp(x, out, keep.to(x.dtype))  # exact at 0 and 1
 
 
 @fused
-def _act_backward(grad, x, scale, lo, hi, keep, need_x: bool, need_scale: bool):
+def _act_backward(grad, x, scale, lo, hi, keep, floor, ceil, need_x: bool, need_scale: bool):
     """(∂L/∂x or None, Σ ∂L/∂out · ∂out/∂s or None) over flat tensors in one pass, recomputed from x: reading x
     again costs less than writing a gradient mask and the step coefficients in the forward and reading them here."""
+    active = None
+    if floor is not None:  # the clamp's own gradient, as ReLU/ReLU6 have it: 1 strictly inside its range
+        active = (x > floor) & (x < ceil)
+        x = torch.clamp(x, floor, ceil)
     v = x / scale
     inside = (v >= lo) & (v <= hi)  # LSQ: clipping decided by x/s itself, not by its rounding
     grad_x = grad_s = None
     if need_x:
         passes = inside if keep is None else inside | (keep == 0)
-        grad_x = torch.where(passes, grad, 0.0)
+        grad_x = torch.where(passes if active is None else passes & active, grad, 0.0)
     if need_scale:
         level = torch.clamp(torch.round(v), lo, hi)
         coeff = torch.where(inside, level - v, level)
@@ -136,7 +147,7 @@ def _act_backward(grad, x, scale, lo, hi, keep, need_x: bool, need_scale: bool):
 
 class _ActFakeQuant(torch.autograd.Function):
     """Per-tensor fake quantization with QDrop mixing and an LSQ step-size gradient, in one pass over the tensor
-    each way (compiled where possible, `ptq._fuse`).
+    each way (compiled where possible, `ptq._fuse`), optionally after a clamp (a ReLU/ReLU6 taken into the pass).
 
     Forward: x̂ = (clamp(round(x/s) + z, qmin, qmax) − z)·s; where `keep` is given, out = keep ? x̂ : x.
     Backward (straight-through, LSQ arXiv 1902.08153): ∂out/∂x = 1 where the element passes FP or x/s + z lies
@@ -146,24 +157,27 @@ class _ActFakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, keep, grad_factor):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, keep, grad_factor, clip):
         flat = _as_weights(keep) if keep is not None else None
         zero_point = zero_point.reshape(()).to(x.dtype)
         lo, hi = qmin - zero_point, qmax - zero_point  # the grid in units of the step, zero point removed
+        floor, ceil = (None, None) if clip is None else (x.new_tensor(clip[0]), x.new_tensor(clip[1]))
         step = scale.reshape(())
-        out = _act_forward(x.reshape(-1), step, lo, hi, flat)
-        ctx.save_for_backward(x, step.detach(), lo, hi, flat)
+        out = _act_forward(x.reshape(-1), step, lo, hi, flat, floor, ceil)
+        ctx.save_for_backward(x, step.detach(), lo, hi, flat, floor, ceil)
         ctx.grad_factor, ctx.scale_shape = grad_factor, scale.shape
         return out.view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, lo, hi, keep = ctx.saved_tensors
+        x, scale, lo, hi, keep, floor, ceil = ctx.saved_tensors
         need_x, need_scale = ctx.needs_input_grad[:2]
-        grad_x, grad_s = _act_backward(grad.reshape(-1), x.reshape(-1), scale, lo, hi, keep, need_x, need_scale)
+        grad_x, grad_s = _act_backward(
+            grad.reshape(-1), x.reshape(-1), scale, lo, hi, keep, floor, ceil, need_x, need_scale
+        )
         if grad_s is not None:
             grad_s = grad_s.mul(ctx.grad_factor).reshape(ctx.scale_shape)
-        return grad_x.view(grad.shape) if grad_x is not None else None, grad_s, None, None, None, None, None
+        return grad_x.view(grad.shape) if grad_x is not None else None, grad_s, None, None, None, None, None, None
 
 
 @fused
@@ -184,14 +198,17 @@ def act_fake_quantize(
     bits: int,
     keep_prob: float | None = None,
     grad_factor: float = 1.0,
+    clip: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Per-tensor fake quantization of an activation (scalar `scale`/`zero_point`), differentiable in x and in the
     step. With `keep_prob` p < 1 (QDrop arXiv 2203.05740) each element keeps its quantized value with probability p
-    and passes x otherwise. Same values as `fake_quantize`; cheaper in time and memory."""
+    and passes x otherwise. With `clip` (lo, hi), x is clamped to it first (a ReLU or ReLU6 done in the same pass).
+    Same values as `fake_quantize`; cheaper in time and memory."""
     qmin, qmax = qrange(bits)
     keep = keep_mask(x, keep_prob) if keep_prob is not None and keep_prob < 1 else None
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
         with torch.no_grad():
+            x = x if clip is None else x.clamp(*clip)
             out = torch.round(x / scale).add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
             return out if keep is None else mix(x, out, keep)
-    return _ActFakeQuant.apply(x, scale, zero_point, qmin, qmax, keep, grad_factor)
+    return _ActFakeQuant.apply(x, scale, zero_point, qmin, qmax, keep, grad_factor, clip)

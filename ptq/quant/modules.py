@@ -75,7 +75,10 @@ class ActQuantizer(Quantizer):
         self.observer: Observer | None = None
         self.keep_prob: float | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, clip: tuple[float, float] | None = None) -> torch.Tensor:
+        """Fake-quantize x, or with `clip` (lo, hi) x clamped to that range first (a ReLU/ReLU6 folded in)."""
+        if clip is not None and (self.observer is not None or not self.enabled):
+            x, clip = x.clamp(*clip), None
         if self.observer is not None:
             self.observer.observe(x)
         if not self.enabled:
@@ -83,7 +86,7 @@ class ActQuantizer(Quantizer):
         grad_factor = 1.0
         if self.scale.requires_grad:  # LSQ: the step's gradient scaled by 1/√(N·Qp), N = elements per example
             grad_factor = 1.0 / math.sqrt(x[0].numel() * qrange(self.bits)[1])
-        return act_fake_quantize(x, self.scale, self.zero_point, self.bits, self.keep_prob, grad_factor)
+        return act_fake_quantize(x, self.scale, self.zero_point, self.bits, self.keep_prob, grad_factor, clip)
 
 
 class QuantLayer(nn.Module):
@@ -107,8 +110,18 @@ class QuantLayer(nn.Module):
         return functional_call(self.layer, {"weight": self.weight_quantizer(self.layer.weight)}, (x,))
 
 
+def clamp_range(module: nn.Module) -> tuple[float, float] | None:
+    """(lo, hi) if `module` is exactly a clamp — ReLU, ReLU6, Hardtanh — else None."""
+    if type(module) is nn.ReLU:
+        return 0.0, math.inf
+    if type(module) in (nn.ReLU6, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val)
+    return None
+
+
 class OutputQuant(nn.Module):
-    """Applies `quantizer` to the output of `module`."""
+    """Applies `quantizer` to the output of `module`. A wrapped ReLU/ReLU6 is done by the quantizer itself, in the
+    same pass over the tensor (same values; one pass instead of three during reconstruction)."""
 
     def __init__(self, module: nn.Module, quantizer: ActQuantizer):
         super().__init__()
@@ -116,6 +129,9 @@ class OutputQuant(nn.Module):
         self.quantizer = quantizer
 
     def forward(self, *args, **kwargs):
+        clip = clamp_range(self.module) if self.quantizer.enabled and len(args) == 1 and not kwargs else None
+        if clip is not None:
+            return self.quantizer(args[0], clip=clip)
         return self.quantizer(self.module(*args, **kwargs))
 
 

@@ -35,11 +35,6 @@ def init_rounding(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, t
     return floor, torch.log(p / (1 - p))
 
 
-def rounding_regulariser(v: torch.Tensor, beta: float) -> torch.Tensor:
-    """Σ(1 − |2h(V) − 1|^β): zero once every h(V) is 0 or 1."""
-    return (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
-
-
 def _soft_rounding(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """h(V) and ∂h/∂V = (ζ − γ)·σ(V)(1 − σ(V)) where the rectification does not clip (0 ≤ h ≤ 1 inclusive, as
     `torch.clamp`'s gradient), else 0."""
@@ -50,70 +45,62 @@ def _soft_rounding(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @fused
-def _soft_weight(v, floor, scale, zero_point, qmin, qmax, learn_scale: bool):
-    """Ŵ(V) over (channels, weights per channel) and what its backward needs: ∂Ŵ/∂V, and for a learned scale the
-    grid level clamp(⌊W/s⌋ + h + z) − z, in one pass. The code range [qmin, qmax] comes as 0-d tensors (integer
-    arguments would be symbolic in the compiled kernel, which then runs slower)."""
+def _soft_weight(v, floor, scale, zero_point, qmin, qmax, beta, learn_scale: bool):
+    """Ŵ(V) over (channels, weights per channel) and what its backward needs, in one pass: ∂Ŵ/∂V; for a learned
+    scale the grid level clamp(⌊W/s⌋ + h + z) − z; and with `beta`, for the regulariser R = Σ(1 − |2h − 1|^β),
+    the per-row sums of |2h − 1|^β and ∂R/∂V = −2β|2h − 1|^(β−1)·sign(2h − 1)·∂h/∂V, which share h and ∂h/∂V.
+    The code range [qmin, qmax] and β come as 0-d tensors (integer arguments would be symbolic in the compiled
+    kernel, which then runs slower)."""
     h, dh = _soft_rounding(v)
     level = floor + h + zero_point
     on_grid = (level >= qmin) & (level <= qmax)
     coded = level.clamp(qmin, qmax) - zero_point
     step = scale.clamp(min=1e-8)
-    return coded * step, on_grid * dh * step, coded if learn_scale else None
+    decided = d_reg = None
+    if beta is not None:
+        t = 2 * h - 1
+        a = t.abs()
+        # one power serves the value (a^β = a^(β−1)·a) and the gradient; as exp(log): half the time of a compiled
+        # pow with a tensor exponent (a = 0 gives 0 for β > 1, and 0^0 = 1 as pow has it)
+        a_pow = torch.exp(torch.log(a.clamp(min=1e-30)) * (beta - 1))
+        decided = (a * a_pow).sum(1)  # per row: a reduction over the whole tensor would split the kernel
+        d_reg = a_pow * torch.sign(t) * dh * (-2 * beta)
+    return coded * step, on_grid * dh * step, coded if learn_scale else None, decided, d_reg
 
 
 @fused
-def _regulariser(v, beta):
-    """R = Σ(1 − |2h − 1|^β) over a flat V and ∂R/∂V = −2β|2h − 1|^(β−1)·sign(2h − 1)·∂h/∂V, in one pass."""
-    h, dh = _soft_rounding(v)
-    t = 2 * h - 1
-    a = t.abs()
-    a_pow = a.pow(beta - 1)  # one pow serves the value (a^β = a^(β−1)·a) and the gradient
-    return v.numel() - (a * a_pow).sum(), a_pow * torch.sign(t) * dh * (-2 * beta)
+def _rounding_grad(grad, d_weight, grad_reg, d_reg):
+    """∂L/∂V = ∂L/∂Ŵ·∂Ŵ/∂V + ∂L/∂R·∂R/∂V in one pass."""
+    return grad * d_weight + grad_reg * d_reg
 
 
 class _SoftWeight(torch.autograd.Function):
-    """Ŵ(V) as one autograd node that keeps ∂Ŵ/∂V as a single tensor instead of every intermediate (AdaRound's
-    per-weight work dominates units with many weights and small activations):
+    """(Ŵ(V), R(V) or 0) as one autograd node that keeps ∂Ŵ/∂V (and ∂R/∂V) as single tensors instead of every
+    intermediate (AdaRound's per-weight work dominates units with many weights and small activations):
     ∂Ŵ/∂V = s·1[qmin ≤ ⌊W/s⌋ + h + z ≤ qmax]·∂h/∂V and, for a learned scale (Genie-M), ∂Ŵ/∂s = clamp(⌊W/s⌋ + h + z) − z
     summed per channel. Works on (channels, weights per channel) views, so one compiled kernel serves every layer."""
 
     @staticmethod
-    def forward(ctx, v, floor, scale, zero_point, qmin, qmax):
+    def forward(ctx, v, floor, scale, zero_point, qmin, qmax, beta):
         rows = v.shape[0]
         learn = ctx.needs_input_grad[2]
-        w, dw, coded = _soft_weight(
+        w, dw, coded, decided, d_reg = _soft_weight(
             v.reshape(rows, -1), floor.reshape(rows, -1), scale.reshape(-1, 1), zero_point.reshape(-1, 1),
-            v.new_tensor(qmin), v.new_tensor(qmax), learn,
+            v.new_tensor(qmin), v.new_tensor(qmax), None if beta is None else v.new_tensor(beta), learn,
         )  # fmt: skip
-        ctx.save_for_backward(dw, coded, scale if learn else None)
-        return w.view(v.shape)
+        ctx.save_for_backward(dw, coded, scale if learn else None, d_reg)
+        return w.view(v.shape), v.new_zeros(()) if decided is None else v.numel() - decided.sum()
 
     @staticmethod
-    def backward(ctx, grad):
-        dw, coded, scale = ctx.saved_tensors
+    def backward(ctx, grad, grad_reg):
+        dw, coded, scale, d_reg = ctx.saved_tensors
         flat = grad.reshape(dw.shape)
-        grad_v = (flat * dw).view(grad.shape) if ctx.needs_input_grad[0] else None
-        grad_s = None
+        grad_v = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_v = (flat * dw if d_reg is None else _rounding_grad(flat, dw, grad_reg, d_reg)).view(grad.shape)
         if coded is not None:
             grad_s = (flat * coded).sum(1).reshape(scale.shape) * (scale >= 1e-8)
-        return grad_v, None, grad_s, None, None, None
-
-
-class _Regulariser(torch.autograd.Function):
-    """R(V) (see `_regulariser`), keeping only ∂R/∂V for the backward."""
-
-    @staticmethod
-    def forward(ctx, v, beta):
-        value, grad = _regulariser(v.reshape(-1), torch.tensor(float(beta), dtype=v.dtype, device=v.device))
-        ctx.save_for_backward(grad)
-        ctx.shape = v.shape
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        (dr,) = ctx.saved_tensors
-        return (grad * dr).view(ctx.shape), None
+        return grad_v, None, grad_s, None, None, None, None
 
 
 def beta_at(step: int, total: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float | None:
@@ -142,6 +129,8 @@ class AdaRoundQuantizer(nn.Module):
         self.register_buffer("zero_point", z.detach().clone())
         self.v = nn.Parameter(v)
         self.hard = False
+        self.beta: float | None = None  # the regulariser's β for the next forward; None: no regulariser
+        self.penalty: torch.Tensor | None = None  # the regulariser as computed by the last forward
 
     def _grid(self, h: torch.Tensor) -> torch.Tensor:
         qmin, qmax = qrange(self.bits)
@@ -149,14 +138,19 @@ class AdaRoundQuantizer(nn.Module):
         return level * self.scale.clamp(min=1e-8)
 
     def forward(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The soft weight Ŵ(V) (the hard one after `hard` is set). With `beta` set, the regulariser at that β is
+        computed in the same pass and left in `penalty`."""
         if self.hard:
             return self._grid((self.v >= 0).float())  # σ(V) ≥ 0.5 ⇔ V ≥ 0 ⇔ h ≥ 0.5
         qmin, qmax = qrange(self.bits)
-        return _SoftWeight.apply(self.v, self.floor, self.scale, self.zero_point, qmin, qmax)
+        soft, reg = _SoftWeight.apply(self.v, self.floor, self.scale, self.zero_point, qmin, qmax, self.beta)
+        self.penalty = None if self.beta is None else reg
+        return soft
 
     def regulariser(self, beta: float) -> torch.Tensor:
-        """Σ(1 − |2h(V) − 1|^β)."""
-        return _Regulariser.apply(self.v, beta)
+        """Σ(1 − |2h(V) − 1|^β) on its own (the forward computes it alongside the weight when `beta` is set)."""
+        qmin, qmax = qrange(self.bits)
+        return _SoftWeight.apply(self.v, self.floor, self.scale, self.zero_point, qmin, qmax, beta)[1]
 
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:

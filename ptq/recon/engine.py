@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptq import distributed
+from ptq._fuse import fused
 from ptq.config import ActSteps
-from ptq.quant.functional import keep_mask, mix
+from ptq.quant.functional import _as_weights, keep_mask, mix
 from ptq.quant.modules import ActQuantizer, QuantLayer, WeightQuantizer, set_quant_state
 from ptq.recon.adaround import AdaRoundQuantizer, beta_at
 from ptq.recon.units import Unit
@@ -82,13 +83,41 @@ class UnitData:
     def _tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.q_inputs, self.fp_inputs, self.targets, self.fisher) if t is not None]
 
-    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, ...]:
-        """(q_inputs, fp_inputs, targets, fisher) rows `idx`, as float32 on `device`."""
-        idx = idx.to(self.q_inputs.device)
-        return tuple(
-            None if t is None else t[idx].to(device, torch.float32, non_blocking=True)
-            for t in (self.q_inputs, self.fp_inputs, self.targets, self.fisher)
-        )
+    def fused(self, device: torch.device) -> bool:
+        """Whether the cache lies on `device`, so that kernels can read a mini-batch's rows straight from it."""
+        return self.q_inputs.device == device
+
+    def inputs(self, idx: torch.Tensor, device: torch.device, keep_prob: float = 1.0) -> torch.Tensor:
+        """The unit's input for rows `idx`, float32 on `device`: the quantized model's, or with `keep_prob` p < 1
+        (QDrop) each element quantized with probability p and FP otherwise, gathered and mixed in one pass."""
+        mixing = self.fp_inputs is not None and keep_prob < 1
+        if not self.fused(device):
+            idx = idx.to(self.q_inputs.device)
+            x_q = self.q_inputs[idx].to(device, torch.float32, non_blocking=True)
+            if not mixing:
+                return x_q
+            x_fp = self.fp_inputs[idx].to(device, torch.float32, non_blocking=True)
+            return mix(x_fp, x_q, keep_mask(x_q, keep_prob))
+        if not mixing:
+            return self.q_inputs[idx].float()
+        shape = (idx.numel(), *self.q_inputs.shape[1:])
+        keep = _as_weights(keep_mask(self.q_inputs, keep_prob, shape))
+        rows = len(self)
+        mixed = _gather_mix(self.fp_inputs.view(rows, -1), self.q_inputs.view(rows, -1), idx, keep.view(len(idx), -1))
+        return mixed.view(shape)
+
+    def targets_for(
+        self, idx: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(targets, Fisher weights or None, rows): the rows `idx` of the first two are the mini-batch's. On the
+        compute device they are the whole cache, read by the loss kernels directly; elsewhere the mini-batch's rows
+        are copied over (and `rows` counts them)."""
+        if self.fused(device):
+            return self.targets, self.fisher, idx
+        idx = idx.to(self.targets.device)
+        moved = [None if t is None else t[idx].to(device, torch.float32, non_blocking=True)
+                 for t in (self.targets, self.fisher)]  # fmt: skip
+        return moved[0], moved[1], torch.arange(len(idx), device=device)
 
 
 def fp_reference(model: nn.Module) -> nn.Module:
@@ -178,18 +207,65 @@ def collect(
     )  # fmt: skip
 
 
-def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ over channels of the (optionally weighted) squared error, averaged over the other dimensions."""
-    err = (out - target).square()
-    return _channel_sum_mean(err if weight is None else err * weight)
+@fused
+def _gather_mix(fp, quantized, idx, keep):
+    """QDrop's input for rows `idx` of the (rows, elements) caches: lerp(FP, quantized, keep) in float32."""
+    return torch.lerp(fp[idx].float(), quantized[idx].float(), keep.to(torch.float32))
 
 
-def lp_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+@fused
+def _squared_error(out, targets, idx, weights):
+    """Σ w·(out − targets[idx])² over flat (rows, elements) tensors, in one pass."""
+    err = (out - targets[idx].float()).square()
+    return (err if weights is None else err * weights[idx].float()).sum()
+
+
+@fused
+def _squared_error_and_grad(out, targets, idx, weights, norm):
+    """`norm`·Σ w·(out − targets[idx])² and its gradient 2·norm·w·(out − targets[idx]), in one pass."""
+    diff = out - targets[idx].float()
+    weighted = diff if weights is None else diff * weights[idx].float()
+    return (weighted * diff).sum() * norm, weighted * (2 * norm)
+
+
+class _SquaredError(torch.autograd.Function):
+    """`reconstruction_loss` in one pass: the targets (and weights) are read at rows `idx` straight from the
+    cache, and where a backward will follow the forward writes the gradient at once instead of the backward
+    reading the output and the targets again."""
+
+    @staticmethod
+    def forward(ctx, out, targets, weights, idx):
+        if not out.numel():
+            return out.new_zeros(())
+        flat = [None if t is None else t.reshape(t.shape[0], -1) for t in (out, targets, weights)]
+        norm = (out.shape[1] if out.ndim > 1 else 1) / out.numel()  # Σ over channels, mean over the rest
+        if not ctx.needs_input_grad[0]:
+            return _squared_error(flat[0], flat[1], idx, flat[2]) * norm
+        loss, grad = _squared_error_and_grad(flat[0], flat[1], idx, flat[2], out.new_tensor(norm))
+        ctx.save_for_backward(grad.view(out.shape))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d_out,) = ctx.saved_tensors
+        if grad.device.type == "cpu" and float(grad) == 1.0:  # the usual case, told apart for free on the host
+            return d_out, None, None, None
+        return d_out * grad, None, None, None
+
+
+def reconstruction_loss(
+    out: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None, idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ over channels of the (optionally weighted) squared error, averaged over the other dimensions; the targets
+    and weights are the rows `idx` of those given (all of them when `idx` is None)."""
+    if idx is None:
+        idx = torch.arange(out.shape[0], device=out.device)
+    return _SquaredError.apply(out, targets, weights, idx)
+
+
+def lp_loss(out: torch.Tensor, targets: torch.Tensor, p: float, idx: torch.Tensor | None = None) -> torch.Tensor:
     """Σ over channels of |ẑ − z|^p, averaged over the other dimensions (BRECQ's activation pass)."""
-    return _channel_sum_mean((out - target).abs().pow(p))
-
-
-def _channel_sum_mean(err: torch.Tensor) -> torch.Tensor:
+    err = (out - (targets if idx is None else targets[idx].float())).abs().pow(p)
     return err.sum(dim=1).mean() if err.ndim > 1 else err.mean()
 
 
@@ -200,9 +276,9 @@ def unit_error(model: nn.Module, unit: Unit, data: UnitData, batch: int = 64) ->
     device = next(module.parameters()).device
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(data), batch):
-        idx = torch.arange(i, min(i + batch, len(data)))
-        x, _, target, weight = data.batch(idx, device)
-        total[0] += float(reconstruction_loss(module(x), target, weight)) * x.shape[0]
+        idx = torch.arange(i, min(i + batch, len(data)), device=data.q_inputs.device)
+        x = data.inputs(idx, device)
+        total[0] += float(reconstruction_loss(module(x), *data.targets_for(idx, device))) * x.shape[0]
     total[1] = len(data)
     distributed.all_reduce_([total])
     return float(total[0] / total[1]) if total[1] else 0.0
@@ -224,13 +300,15 @@ def _optimise(
     groups: list[dict],
     iters: int,
     settings: Settings,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     penalty: Callable[[int], torch.Tensor] | None,
     seed: int,
     step: Step | None,
+    begin: Callable[[int], None] | None = None,
 ) -> bool:
     """Adam over `groups` (a group with `cosine: True` has its lr annealed to 0) for `iters` iterations on random
-    mini-batches of `data`, minimising loss_fn(output, target, weight) + penalty(iteration). A non-finite loss ends
+    mini-batches of `data`, minimising loss_fn(output, *data.targets_for(...)) + penalty(iteration), with
+    begin(iteration) called before each iteration's forward. A non-finite loss ends
     the pass with every parameter at its last good value; returns whether that happened.
 
     Mini-batches are drawn from the whole calibration set with one seeded generator. Under torchrun every rank
@@ -259,11 +337,11 @@ def _optimise(
             if w.distributed:  # the batch's rows that this rank holds
                 idx = idx[(idx >= first) & (idx < first + n)] - first
                 idx, share = idx.to(data.q_inputs.device), idx.numel() / batch
+            if begin is not None:
+                begin(it)
             rec = torch.zeros((), device=device)
             if idx.numel():
-                x_q, x_fp, target, weight = data.batch(idx, device)
-                x = mix(x_fp, x_q, keep_mask(x_q, keep_prob)) if x_fp is not None and keep_prob < 1 else x_q
-                rec = loss_fn(module(x), target, weight) * share
+                rec = loss_fn(module(data.inputs(idx, device, keep_prob)), *data.targets_for(idx, device)) * share
             loss = rec if penalty is None else rec + penalty(it) / w.size
             if (it + 1) % CHECK_EVERY == 0 or it + 1 == iters or it == 0:  # one host sync per check
                 both = torch.stack([loss.detach(), rec.detach()]).double().cpu()
@@ -311,11 +389,16 @@ def reconstruct_unit(
     second_pass = settings.act_steps is ActSteps.SECOND_PASS and bool(inner)
     iters = settings.iters
 
+    def set_beta(it):  # before an iteration's forward, which computes the regulariser alongside the soft weights
+        for r in rounders:
+            r.beta, r.penalty = beta_at(it, iters), None
+
     def rounding_penalty(it):
         beta = beta_at(it, iters)
         if beta is None:
             return torch.zeros((), device=device)
-        return settings.reg_weight * sum(r.regulariser(beta) for r in rounders)
+        # a rank that held none of the batch's rows ran no forward: its regulariser is computed on its own
+        return settings.reg_weight * sum(r.regulariser(beta) if r.penalty is None else r.penalty for r in rounders)
 
     diverged = False
     frozen = {p: p.requires_grad for p in module.parameters()}  # only the parts named below learn
@@ -334,17 +417,17 @@ def reconstruct_unit(
         if settings.act_steps is ActSteps.JOINT and inner:
             groups.append({"params": [q.learn_scale() for q in inner], "lr": settings.act_lr, "cosine": True})
         diverged = _optimise(
-            module, data, groups, iters, settings, reconstruction_loss, rounding_penalty, settings.seed, step
+            module, data, groups, iters, settings, reconstruction_loss, rounding_penalty, settings.seed, step, set_beta
         )
         for rounder in rounders:
-            rounder.hard = True
+            rounder.hard, rounder.beta, rounder.penalty = True, None, None
         if second_pass and not diverged:
             for q in inner:
                 q.enabled = True
             steps = [q.learn_scale() for q in inner]
 
-            def act_loss(out, target, weight):
-                return lp_loss(out, target, settings.act_loss_p)
+            def act_loss(out, targets, weights, idx):
+                return lp_loss(out, targets, settings.act_loss_p, idx)
 
             def act_step(it, rec):
                 if step is not None:
