@@ -236,6 +236,7 @@ class _SquaredError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, targets, weights, idx):
         if not out.numel():
+            ctx.save_for_backward(torch.zeros_like(out))
             return out.new_zeros(())
         flat = [None if t is None else t.reshape(t.shape[0], -1) for t in (out, targets, weights)]
         norm = (out.shape[1] if out.ndim > 1 else 1) / out.numel()  # Σ over channels, mean over the rest
