@@ -103,15 +103,21 @@ def calibration_data(
     progress: Progress | None,
     zero_shot: bool,
     synth_data: str | Path | None,
-) -> tuple[Dataset, dict[str, Any] | None]:
+    timings: dict[str, float],
+) -> tuple[Dataset, dict[str, Any] | None, Iterable[torch.Tensor]]:
     """The calibration set: real images, or (zero-shot) a synthetic set that is reused from `synth_data` or the
-    cache when finished, else synthesized (resumably); with the synthetic set's metadata."""
-    if not zero_shot:
-        return calibration_set(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed), None
-    folder = Path(synth_data) if synth_data else default_synth_dir(model_name, data_config, recipe)
-    return _synthetic_calibration(
-        fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, cached=synth_data is None
-    )
+    cache when finished, else synthesized (resumably); with the synthetic set's metadata (or None) and the set's
+    batches on `device`."""
+    with _timed(timings, "synthesize" if zero_shot else "load"):
+        if not zero_shot:
+            calib, meta = calibration_set(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed), None
+        else:
+            folder = Path(synth_data) if synth_data else default_synth_dir(model_name, data_config, recipe)
+            calib, meta = _synthetic_calibration(
+                fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, synth_data is None
+            )
+    loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
+    return calib, meta, _counted(image_batches(loader, device), len(loader))
 
 
 def mixed_bits(
@@ -159,6 +165,29 @@ def read_sensitivity(path: str | Path, model_name: str, qmodel: nn.Module, recip
     return table
 
 
+def _load_prepared(
+    model_name: str,
+    recipe: Recipe,
+    calib_data: str | Path | None,
+    out: str | Path,
+    overwrite: bool,
+    checkpoint: str | Path | None,
+    device: str | torch.device,
+    zero_shot: bool,
+    timings: dict[str, float],
+) -> tuple[nn.Module, dict, nn.Module]:
+    """The start of `quantize` and `sensitivity`: the output folder and the data source checked before any work, then
+    (FP model, data config, prepared copy with quantizers placed)."""
+    distributed.on_main(check_output_dir, out, overwrite)
+    if not zero_shot and calib_data is None:
+        raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
+    with _timed(timings, "load"):
+        fp_model, data_config = load_model(model_name, checkpoint=checkpoint, device=device)
+    with _timed(timings, "prepare"):
+        qmodel = prepare(fp_model, recipe.quant, torch.zeros((1, *data_config["input_size"]), device=device))
+    return fp_model, data_config, qmodel
+
+
 def quantize(
     model_name: str,
     recipe: Recipe,
@@ -176,27 +205,19 @@ def quantize(
     """PTQ of a timm model calibrated on real images or (zero-shot) on synthesized ones: round-to-nearest, then, for
     adaround/brecq/qdrop, reconstruction of every unit (resumable from `.OUT.recon/`). With `recipe.mixed.enabled`
     (`--bits auto`) the weight width of every layer is chosen under the budget before calibration."""
-    distributed.on_main(check_output_dir, out, overwrite)  # fail before any work
-    if not zero_shot and calib_data is None:
-        raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
     timings: dict[str, float] = {}
     q = recipe.quant
-    with _timed(timings, "load"):
-        fp_model, data_config = load_model(model_name, checkpoint=checkpoint, device=device)
-        eval_folder = eval_data or calib_data
-        evalset = ImageFolder(eval_folder, data_config) if eval_folder is not None else None
-    with _timed(timings, "prepare"):
-        example = torch.zeros((1, *data_config["input_size"]), device=device)
-        qmodel = prepare(fp_model, q, example)
+    fp_model, data_config, qmodel = _load_prepared(
+        model_name, recipe, calib_data, out, overwrite, checkpoint, device, zero_shot, timings
+    )
+    eval_folder = eval_data or calib_data
+    evalset = ImageFolder(eval_folder, data_config) if eval_folder is not None else None
     budget = Budget.from_config(recipe.mixed) if recipe.mixed.enabled else None
     if budget is not None:  # an impossible budget fails before synthesis or the sensitivity pass
         check_feasible(describe_layers(qmodel, recipe.mixed, q.first_last_bits), budget)
-    with _timed(timings, "synthesize" if zero_shot else "load"):
-        calib, synth_meta = calibration_data(
-            fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data
-        )
-    loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
-    batches = _counted(image_batches(loader, device), len(loader))
+    calib, synth_meta, batches = calibration_data(
+        fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data, timings
+    )
     if recipe.method is not Method.RTN or recipe.mixed.enabled:
         batches = list(batches)  # used more than once: load and preprocess the images once
     table = allocation = None
@@ -276,22 +297,16 @@ def sensitivity(
     """Per-layer sensitivity table, the Pareto front of (weight size, predicted KL) and the optimum under the
     budget (4 average bits when none is set), written to `out/` as sensitivity.json, sensitivity.csv and
     sensitivity.png."""
-    distributed.on_main(check_output_dir, out, overwrite)
-    if not zero_shot and calib_data is None:
-        raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
     timings: dict[str, float] = {}
     mixed = recipe.mixed if recipe.mixed.has_budget else dataclasses.replace(recipe.mixed, avg_bits=4.0)
     budget = Budget.from_config(mixed)
-    fp_model, data_config = load_model(model_name, checkpoint=checkpoint, device=device)
-    example = torch.zeros((1, *data_config["input_size"]), device=device)
-    qmodel = prepare(fp_model, recipe.quant, example)
+    fp_model, data_config, qmodel = _load_prepared(
+        model_name, recipe, calib_data, out, overwrite, checkpoint, device, zero_shot, timings
+    )
     check_feasible(describe_layers(qmodel, mixed, recipe.quant.first_last_bits), budget)
-    with _timed(timings, "synthesize" if zero_shot else "load"):
-        calib, synth_meta = calibration_data(
-            fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data
-        )
-    loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
-    batches = _counted(image_batches(loader, device), len(loader))
+    _, synth_meta, batches = calibration_data(
+        fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data, timings
+    )
     with _timed(timings, "sensitivity"):
         table = measure_sensitivity(qmodel, batches, model_name, recipe.quant, recipe.mixed, progress)
     with _timed(timings, "allocate"):
