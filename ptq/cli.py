@@ -417,7 +417,7 @@ def synthesize(
     with user_errors("finished batches are kept; rerun the same command to resume"):
         resolved = _resolve_recipe(recipe, overrides, flags)
         dev = start(device)
-        fp_model, data_config = load_model(model, checkpoint=checkpoint, device=dev)
+        fp_model, data_config = distributed.together(load_model, model, checkpoint=checkpoint, device=dev)
         fp = synth_fingerprint(model, data_config, resolved.synth)
         distributed.on_main(check_synth_dir, out, fp, overwrite)  # before any work
         with progress_bars() as progress:

@@ -234,3 +234,30 @@ def on_main(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         error.shared = True
         raise error
     return result
+
+
+def together(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run `fn` on every rank (work each rank needs, such as loading the model or listing the images) and stop every
+    rank when it failed on any. Where every rank failed alike, the error is marked `shared` (rank 0 reports it once);
+    else each failed rank raises its own and the others a `DistributedError` naming the first that failed, marked
+    `shared`. `fn` must not itself wait for the other ranks."""
+    result = error = None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every rank learns of it below
+        error = e
+    if not _active():
+        if error is not None:
+            raise error
+        return result
+    outcomes = gather_objects(None if error is None else f"{type(error).__qualname__}: {error}")
+    failed = [rank for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return result
+    if error is None:
+        stop = DistributedError(f"stopped: rank {failed[0]} failed ({outcomes[failed[0]]})")
+        stop.shared = True
+        raise stop
+    if len(failed) == len(outcomes) and len(set(outcomes)) == 1:
+        error.shared = True
+    raise error

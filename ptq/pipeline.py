@@ -110,7 +110,8 @@ def calibration_data(
     batches on `device`."""
     with _timed(timings, "synthesize" if zero_shot else "load"):
         if not zero_shot:
-            calib, meta = calibration_set(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed), None
+            num, seed = recipe.calib.num_images, recipe.calib.seed
+            calib, meta = distributed.together(calibration_set, calib_data, data_config, num, seed), None
         else:
             folder = Path(synth_data) if synth_data else default_synth_dir(model_name, data_config, recipe)
             calib, meta = _synthetic_calibration(
@@ -181,8 +182,8 @@ def _load_prepared(
     distributed.on_main(check_output_dir, out, overwrite)
     if not zero_shot and calib_data is None:
         raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
-    with _timed(timings, "load"):
-        fp_model, data_config = load_model(model_name, checkpoint=checkpoint, device=device)
+    with _timed(timings, "load"):  # every rank loads; a bad name or checkpoint is reported once
+        fp_model, data_config = distributed.together(load_model, model_name, checkpoint=checkpoint, device=device)
     with _timed(timings, "prepare"):
         qmodel = prepare(fp_model, recipe.quant, torch.zeros((1, *data_config["input_size"]), device=device))
     return fp_model, data_config, qmodel
@@ -211,7 +212,7 @@ def quantize(
         model_name, recipe, calib_data, out, overwrite, checkpoint, device, zero_shot, timings
     )
     eval_folder = eval_data or calib_data
-    evalset = ImageFolder(eval_folder, data_config) if eval_folder is not None else None
+    evalset = distributed.together(ImageFolder, eval_folder, data_config) if eval_folder is not None else None
     budget = Budget.from_config(recipe.mixed) if recipe.mixed.enabled else None
     if budget is not None:  # an impossible budget fails before synthesis or the sensitivity pass
         check_feasible(describe_layers(qmodel, recipe.mixed, q.first_last_bits), budget)

@@ -192,3 +192,19 @@ def test_a_rank_waiting_past_the_timeout_ends_the_job_with_one_clear_line(tmp_pa
     assert result.returncode != 0
     errors = [line for line in result.stdout.splitlines() + result.stderr.splitlines() if line.startswith("error:")]
     assert errors and "waited longer than PTQ_DIST_TIMEOUT=8 s" in errors[0]
+
+
+def test_bad_input_that_every_rank_meets_after_joining_is_reported_once(tmp_path, checkpoints):
+    """The model is loaded (and the images listed) by every rank after the process group is joined: one line, by
+    rank 0, not one per rank."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = ["--calib-data", empty, "--out", tmp_path / "q"]
+    for args, expected in (
+        (["no_such_model"], "unknown model 'no_such_model'"),
+        (["test_resnet", "--checkpoint", checkpoints["test_resnet"]], "no images in"),
+    ):
+        result = torchrun("quantize", *args, *out, ok=False)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+        assert result.returncode != 0 and len(errors) == 1 and expected in errors[0], errors
+        assert not (tmp_path / "q").exists()
