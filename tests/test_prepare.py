@@ -117,3 +117,26 @@ def test_quant_switch_turns_quantizers_on_and_off():
     assert all(not q.enabled for q in qmodel.modules() if isinstance(q, ActQuantizer))
     off = prepare(model, QuantConfig(quantize_activations=False), x[:1])
     assert not any(q.enabled for q in act_quantizers(off).values())
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False, padding_mode="reflect"),
+        torch.nn.Conv1d(3, 4, 3),
+        torch.nn.Linear(5, 4),
+        timm.layers.Conv2dSame(3, 4, 3, stride=2),  # a subclass: its own forward, with the weight swapped in
+    ],
+)
+def test_quant_layer_runs_the_layers_forward_with_the_quantized_weight(layer):
+    torch.manual_seed(0)
+    shapes = {torch.nn.Linear: (5,), torch.nn.Conv1d: (3, 9)}
+    x = torch.randn(2, *(shapes[type(layer)] if type(layer) in shapes else (layer.in_channels, 9, 9)))
+    wrapped = QuantLayer(layer, w_bits=4)
+    quantizer = wrapped.weight_quantizer
+    quantizer.set_qparams(layer.weight.detach().abs().flatten(1).amax(1) / 7, torch.full((4,), 8.0))
+    quantizer.enabled = True
+    expected = torch.func.functional_call(layer, {"weight": quantizer(layer.weight)}, (x,))
+    assert torch.equal(wrapped(x), expected)
+    assert not torch.equal(wrapped(x), layer(x))

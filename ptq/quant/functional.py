@@ -161,7 +161,7 @@ class _ActFakeQuant(torch.autograd.Function):
         flat = _as_weights(keep) if keep is not None else None
         zero_point = zero_point.reshape(()).to(x.dtype)
         lo, hi = qmin - zero_point, qmax - zero_point  # the grid in units of the step, zero point removed
-        floor, ceil = (None, None) if clip is None else (x.new_tensor(clip[0]), x.new_tensor(clip[1]))
+        floor, ceil = (None, None) if clip is None else (x.new_full((), clip[0]), x.new_full((), clip[1]))
         step = scale.reshape(())
         out = _act_forward(x.reshape(-1), step, lo, hi, flat, floor, ceil)
         ctx.save_for_backward(x, step.detach(), lo, hi, flat, floor, ceil)

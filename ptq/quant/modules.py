@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from ptq.quant.functional import act_fake_quantize, channel_view, fake_quantize, qrange
 from ptq.quant.observers import Observer
@@ -107,7 +108,13 @@ class QuantLayer(nn.Module):
             x = self.input_quantizer(x)
         if not self.weight_quantizer.enabled:
             return self.layer(x)
-        return functional_call(self.layer, {"weight": self.weight_quantizer(self.layer.weight)}, (x,))
+        layer, weight = self.layer, self.weight_quantizer(self.layer.weight)
+        kind = type(layer)
+        if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # the layer's own forward with another weight, minus the
+            return layer._conv_forward(x, weight, layer.bias)  # ~25 µs per call of swapping it in and out
+        if kind is nn.Linear:
+            return F.linear(x, weight, layer.bias)
+        return functional_call(layer, {"weight": weight}, (x,))
 
 
 def clamp_range(module: nn.Module) -> tuple[float, float] | None:

@@ -86,7 +86,7 @@ class _SoftWeight(torch.autograd.Function):
         learn = ctx.needs_input_grad[2]
         w, dw, coded, decided, d_reg = _soft_weight(
             v.reshape(rows, -1), floor.reshape(rows, -1), scale.reshape(-1, 1), zero_point.reshape(-1, 1),
-            v.new_tensor(qmin), v.new_tensor(qmax), None if beta is None else v.new_tensor(beta), learn,
+            v.new_full((), qmin), v.new_full((), qmax), None if beta is None else v.new_full((), beta), learn,
         )  # fmt: skip
         ctx.save_for_backward(dw, coded, scale if learn else None, d_reg)
         return w.view(v.shape), v.new_zeros(()) if decided is None else v.numel() - decided.sum()

@@ -242,7 +242,7 @@ class _SquaredError(torch.autograd.Function):
         norm = (out.shape[1] if out.ndim > 1 else 1) / out.numel()  # Σ over channels, mean over the rest
         if not ctx.needs_input_grad[0]:
             return _squared_error(flat[0], flat[1], idx, flat[2]) * norm
-        loss, grad = _squared_error_and_grad(flat[0], flat[1], idx, flat[2], out.new_tensor(norm))
+        loss, grad = _squared_error_and_grad(flat[0], flat[1], idx, flat[2], out.new_full((), norm))
         ctx.save_for_backward(grad.view(out.shape))
         return loss
 
