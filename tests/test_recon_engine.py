@@ -35,15 +35,23 @@ def test_reconstruction_beats_round_to_nearest_on_a_block(digits_model, digits):
         assert torch.allclose(fake_quantize(layer.weight, s, z, q.bits), layer.weight, atol=1e-6)
 
 
-def test_reconstructing_every_unit_recovers_the_accuracy_rtn_loses(digits_model, digits):
+def test_reconstructing_every_unit_brings_the_network_back_towards_fp(digits_model, digits):
     xte, yte = digits[2], digits[3]
     qmodel, batches = _quantized(digits_model, digits, w_bits=3, a_bits=8)
-    rtn_acc = accuracy(qmodel, xte, yte)
+    rtn_acc, rtn_kl = accuracy(qmodel, xte, yte), _kl_to_fp(qmodel, digits_model, xte)
     for unit in find_units(qmodel, batches[0][:1]):
         reconstruct_unit(qmodel, unit, collect(qmodel, unit, batches), iters=400, lr=1e-2, keep_prob=0.5)
-    acc = accuracy(qmodel, xte, yte)
-    # RTN 85.2%, FP 98.4%; reconstruction 96.2–98.4% over seeds 0–3 (QDrop's masks differ), 96.2% at this one
-    assert acc > rtn_acc + 10 and acc >= accuracy(digits_model, xte, yte) - 3
+    acc, kl = accuracy(qmodel, xte, yte), _kl_to_fp(qmodel, digits_model, xte)
+    # How much RTN loses depends on the trained weights, which differ with the thread count (1 thread: RTN 97.2%,
+    # KL 0.079; 2 threads: 77.2%, KL 0.53; FP 98.2–98.6%); reconstruction gave 97.4–97.8%, KL 0.016–0.019.
+    assert kl < 0.5 * rtn_kl
+    assert acc >= rtn_acc and acc >= accuracy(digits_model, xte, yte) - 3
+
+
+def _kl_to_fp(qmodel, model, x) -> float:
+    with torch.no_grad():
+        p, q = model(x).log_softmax(1), qmodel(x).log_softmax(1)
+    return torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()
 
 
 def test_targets_stay_the_fp_networks_after_earlier_units_are_reconstructed(digits_model, digits):
