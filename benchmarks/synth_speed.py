@@ -1,18 +1,20 @@
 """Cost of one synthesis iteration per method ÷ one bare forward+backward of the model w.r.t. its input.
 
-Same model, batch and resolution, measured in one run (these machines are shared and noisy: ratios, not absolute
-times, are the result). Target: ≤ 1.15 for bns and intraq. Also records images/second and peak memory (CUDA: peak
-allocated per method; CPU: the process's peak resident set, which only grows).
+Same model, batch and resolution, measured in one run, the bare pass and every method in interleaved rounds whose
+medians count (these machines are shared and noisy: ratios, not absolute times, are the result). Target: ≤ 1.15 for
+bns and intraq. Also records images/second and peak memory (CUDA: peak allocated per method; CPU: the process's peak
+resident set, which only grows).
 
-    python benchmarks/synth_speed.py [--model tf_efficientnet_lite0] [--batch 32] [--iters 20] [--device cpu]
+    python benchmarks/synth_speed.py [--model tf_efficientnet_lite0] [--batch 32] [--iters 20] [--rounds 3]
+                                     [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from ptq.models import load_model
 from ptq.synth.synthesizer import ClassStatistics, Synthesizer, class_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import device_name, write_result  # noqa: E402  (also keeps freed memory, as the command line does)
 
 
 def sync(device: torch.device) -> None:
@@ -75,6 +79,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--methods", default="bns,intraq,fdda,genie")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; the median of each counts.")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -83,54 +88,49 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    bare = bare_iteration(model, size, args.batch, args.iters, device)
-    rows = [
-        {
-            "method": "bare forward+backward",
-            "s_per_iter": bare,
-            "ratio": 1.0,
-            "image_iterations_per_s": args.batch / bare,
-            "peak_mb": peak_mb(device),
-        }
-    ]
-    print(f"{'bare forward+backward':24s} {bare * 1e3:8.1f} ms/iter  1.000×", flush=True)
     real = torch.randn(10, *size, device=device)
     stats = class_statistics(model, real, torch.arange(10, device=device))
-    for method in args.methods.split(","):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t = method_iteration(model, size, args.batch, args.iters, device, method, stats)
+    methods = args.methods.split(",")
+    times: dict[str, list[float]] = {m: [] for m in ["bare forward+backward", *methods]}
+    peaks: dict[str, float] = dict.fromkeys(times, 0.0)
+    for r in range(args.rounds):  # interleaved, medians count: a slow spell of a shared machine hits every method alike
+        for method in times:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if method in methods:
+                t = method_iteration(model, size, args.batch, args.iters, device, method, stats)
+            else:
+                t = bare_iteration(model, size, args.batch, args.iters, device)
+            times[method].append(t)
+            peaks[method] = max(peaks[method], peak_mb(device))
+            print(f"round {r + 1}: {method:24s} {t * 1e3:8.1f} ms/iter", flush=True)
+    bare = statistics.median(times["bare forward+backward"])
+    rows = []
+    for method, ts in times.items():
+        t = statistics.median(ts)
         rows.append(
             {
                 "method": method,
                 "s_per_iter": t,
+                "rounds_s_per_iter": ts,
                 "ratio": t / bare,
                 "image_iterations_per_s": args.batch / t,
-                "peak_mb": peak_mb(device),
+                "peak_mb": peaks[method],
             }
         )
-        print(f"{method:24s} {t * 1e3:8.1f} ms/iter  {t / bare:.3f}×  peak {rows[-1]['peak_mb']:.0f} MB", flush=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    name = f"synth_speed_{args.model}_b{args.batch}_{device.type}.json"
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "model": args.model,
-                "batch": args.batch,
-                "input_size": list(size),
-                "iters": args.iters,
-                "device": device_name,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {out}")
+        print(f"{method:24s} {t * 1e3:8.1f} ms/iter  {t / bare:.3f}×  peak {peaks[method]:.0f} MB", flush=True)
+    result = {
+        "model": args.model,
+        "batch": args.batch,
+        "input_size": list(size),
+        "iters": args.iters,
+        "rounds": args.rounds,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    write_result(result, f"synth_speed_{args.model}_b{args.batch}_{device.type}.json", args.out)
 
 
 if __name__ == "__main__":
