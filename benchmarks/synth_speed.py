@@ -3,7 +3,7 @@
 Same model, batch and resolution, measured in one run, the bare pass and every method in interleaved rounds whose
 medians count (these machines are shared and noisy: ratios, not absolute times, are the result). Target: ≤ 1.15 for
 bns and intraq. Also records images/second and peak memory (CUDA: peak allocated per method; CPU: the process's peak
-resident set, which only grows).
+resident set after the method's first round, which only grows).
 
     python benchmarks/synth_speed.py [--model tf_efficientnet_lite0] [--batch 32] [--iters 20] [--rounds 3]
                                      [--device cpu]
@@ -102,7 +102,8 @@ def main() -> None:
             else:
                 t = bare_iteration(model, size, args.batch, args.iters, device)
             times[method].append(t)
-            peaks[method] = max(peaks[method], peak_mb(device))
+            if r == 0 or device.type == "cuda":  # the CPU's peak resident set only grows: its first round tells
+                peaks[method] = max(peaks[method], peak_mb(device))
             print(f"round {r + 1}: {method:24s} {t * 1e3:8.1f} ms/iter", flush=True)
     bare = statistics.median(times["bare forward+backward"])
     rows = []
