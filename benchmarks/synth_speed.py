@@ -5,8 +5,12 @@ medians count (these machines are shared and noisy: ratios, not absolute times, 
 bns and intraq. Also records images/second and peak memory (CUDA: peak allocated per method; CPU: the process's peak
 resident set after the method's first round, which only grows).
 
-    python benchmarks/synth_speed.py [--model tf_efficientnet_lite0] [--batch 32] [--iters 20] [--rounds 3]
-                                     [--device cpu]
+    python benchmarks/synth_speed.py [--model tf_efficientnet_lite0] [--batch 32] [--iters 20] [--rounds 5]
+                                     [--device cpu] [--fuse auto|on|off]
+
+--fuse picks how BN statistics are taken (`ptq.synth.stats.BNStatistics`): `on` computes each BatchNorm and its input
+statistics in one op, `off` reads the statistics by a hook beside torch's BatchNorm, `auto` is what synthesis does
+(fused on the CPU).
 """
 
 from __future__ import annotations
@@ -55,12 +59,13 @@ def bare_iteration(model, size, batch, iters, device) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def method_iteration(model, size, batch, iters, device, method, stats: ClassStatistics | None) -> float:
+def method_iteration(model, size, batch, iters, device, method, stats: ClassStatistics | None, fuse) -> float:
     """Seconds per synthesis iteration (loss, backward, optimiser step), from two runs of different length."""
 
     def run(n):
         config = SynthConfig(method=method, iters=n, batch_size=batch, plateau_window=10)
         synth = Synthesizer(model, size, config, device, stats)
+        synth.stats.fuse = fuse
         sync(device)
         start = time.perf_counter()
         synth.batch(0, batch)
@@ -79,7 +84,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--methods", default="bns,intraq,fdda,genie")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; the median of each counts.")
+    parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds; the median of each counts.")
+    parser.add_argument("--fuse", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -91,6 +97,7 @@ def main() -> None:
     real = torch.randn(10, *size, device=device)
     stats = class_statistics(model, real, torch.arange(10, device=device))
     methods = args.methods.split(",")
+    fuse = {"auto": None, "on": True, "off": False}[args.fuse]
     times: dict[str, list[float]] = {m: [] for m in ["bare forward+backward", *methods]}
     peaks: dict[str, float] = dict.fromkeys(times, 0.0)
     for r in range(args.rounds):  # interleaved, medians count: a slow spell of a shared machine hits every method alike
@@ -98,7 +105,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             if method in methods:
-                t = method_iteration(model, size, args.batch, args.iters, device, method, stats)
+                t = method_iteration(model, size, args.batch, args.iters, device, method, stats, fuse)
             else:
                 t = bare_iteration(model, size, args.batch, args.iters, device)
             times[method].append(t)
@@ -126,6 +133,7 @@ def main() -> None:
         "input_size": list(size),
         "iters": args.iters,
         "rounds": args.rounds,
+        "fuse": args.fuse,
         "device": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -55,7 +55,7 @@ def test_bn_hooks_match_var_mean_per_batch_and_per_sample(digits_model):
         ref_var, ref_mean = torch.var_mean(inputs["x"], dim=(2, 3) if per_sample else (0, 2, 3), unbiased=False)
         c = first.num_features
         assert torch.allclose(mean[..., :c], ref_mean, atol=1e-5) and torch.allclose(var[..., :c], ref_var, atol=1e-4)
-    assert not first._forward_pre_hooks  # hooks are removed afterwards
+    assert not first._forward_hooks  # hooks are removed afterwards
 
 
 def test_batched_crop_is_differentiable_keeps_shape_and_is_seeded():
@@ -239,13 +239,70 @@ def test_cli_synthesize_then_quantize_zero_shot(tmp_path, samples_dir):
     assert result.exit_code != 0 and "--out" in result.output
 
 
-def test_fused_channel_sums_have_the_right_gradient():
-    from ptq.synth.stats import ChannelSums
+def test_channel_sums_and_fused_batchnorm_have_the_right_gradients():
+    from ptq.synth.stats import ChannelSums, FusedBatchNorm
 
     x = torch.randn(3, 4, 5, 6, dtype=torch.double).requires_grad_()
     s1, s2 = ChannelSums.apply(x)
     assert torch.allclose(s1, x.sum((2, 3))) and torch.allclose(s2, x.square().sum((2, 3)))
     assert torch.autograd.gradcheck(ChannelSums.apply, (x,))
+    scale, shift = torch.randn(4, dtype=torch.double), torch.randn(4, dtype=torch.double)
+    y, f1, f2 = FusedBatchNorm.apply(x, scale, shift)
+    assert torch.allclose(y, x * scale.view(4, 1, 1) + shift.view(4, 1, 1)) and torch.equal(f1, s1)
+    assert torch.autograd.gradcheck(lambda t: FusedBatchNorm.apply(t, scale, shift), (x,))
+    assert torch.autograd.gradcheck(lambda t: FusedBatchNorm.apply(t, scale, shift)[2], (x,))  # g_y and g1 absent
+
+
+def test_fused_and_hooked_batchnorms_give_the_same_statistics_and_input_gradient(monkeypatch):
+    """timm's BatchNormAct2d (act after BN) is fused; a frozen BN computing x·a + b itself is read by the hook."""
+    from timm.layers.norm_act import FrozenBatchNormAct2d
+
+    from ptq.synth import stats as stats_module
+
+    calls = {"fused": 0, "hooked": 0}
+    for name, key in (("FusedBatchNorm", "fused"), ("ChannelSums", "hooked")):
+        cls = getattr(stats_module, name)
+
+        def counted(*args, apply=cls.apply, key=key):
+            calls[key] += 1
+            return apply(*args)
+
+        monkeypatch.setattr(cls, "apply", counted)
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=10).eval().requires_grad_(False)
+    for m in model.modules():
+        if hasattr(m, "running_var"):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+    frozen_bn = FrozenBatchNormAct2d(model.bn1.num_features, act_layer=torch.nn.SiLU)
+    frozen_bn.load_state_dict(model.bn1.state_dict(), strict=False)
+    model.bn1 = frozen_bn
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for fuse in (False, True):
+        stats = BNStatistics(model, fuse=fuse)
+        xg = x.clone().requires_grad_()
+        with stats:
+            logits = model(xg)
+        mean, var = stats.moments()
+        (mean.square().sum() + var.sum() + logits.square().mean()).backward()
+        results.append((logits, mean, var, xg.grad))
+        n = len(stats)
+        assert calls == ({"fused": 0, "hooked": n} if not fuse else {"fused": n - 1, "hooked": n + 1})
+    for unfused, fused in zip(*results, strict=True):
+        assert torch.allclose(fused, unfused, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # and both match var_mean of the inputs the layers actually saw
+        seen = {}
+        handles = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0])) for n, m in stats.layers]
+        model(x)
+        for h in handles:
+            h.remove()
+    ref = [torch.var_mean(seen[n], dim=(0, 2, 3), unbiased=False) for n, _ in stats.layers]
+    assert torch.allclose(results[1][1].detach(), torch.cat([m for _, m in ref]), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(results[1][2].detach(), torch.cat([v for v, _ in ref]), rtol=1e-4, atol=1e-4)
+    assert not any(m._forward_hooks for _, m in stats.layers)
 
 
 def test_refused_synthesis_creates_no_folder(digits_model, tmp_path):
@@ -336,3 +393,20 @@ def test_restoring_the_best_state_brings_back_parameters_and_adam_moments_and_cu
     assert torch.equal(p.detach(), saved[0])
     assert torch.equal(opt.state[p]["exp_avg"], saved[1]) and torch.equal(opt.state[p]["exp_avg_sq"], saved[2])
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # 0.05 held at min_lr
+
+
+def test_marginal_distance_counts_only_images_whose_class_has_a_centre():
+    from ptq.synth.losses import marginal_distance_loss
+
+    torch.manual_seed(0)
+    features, centres = torch.randn(6, 5, requires_grad=True), torch.randn(3, 5)
+    labels, valid = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([True, False, True])
+    centres[1] = 0  # a class without a centre has a zero sum
+    loss = marginal_distance_loss(features, labels, centres, valid, 0.2, 0.5)
+    keep = valid[labels]
+    d = 1 - torch.nn.functional.cosine_similarity(features[keep], centres[labels[keep]], dim=1)
+    assert torch.allclose(loss, ((0.2 - d).relu() + (d - 0.5).relu()).mean())
+    loss.backward()
+    assert features.grad[~keep].abs().sum() == 0 and torch.isfinite(features.grad).all()
+    none = marginal_distance_loss(features, labels, centres, torch.zeros(3, dtype=torch.bool), 0.2, 0.5)
+    assert none.item() == 0

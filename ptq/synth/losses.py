@@ -57,12 +57,14 @@ def soft_inception_loss(
 def marginal_distance_loss(
     features: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, valid: torch.Tensor, lower: float, upper: float
 ) -> torch.Tensor:
-    """Keep 1 − cos(f_i, c_{y_i}) within [λ_l, λ_u] for images whose class already has a centre (`valid[y]`)."""
-    mask = valid[labels]
-    if not mask.any():
-        return features.new_zeros(())
-    distance = 1 - F.cosine_similarity(features[mask].float(), centres[labels[mask]], dim=1)
-    return (F.relu(lower - distance) + F.relu(distance - upper)).mean()
+    """Keep 1 − cos(f_i, c_{y_i}) within [λ_l, λ_u] for images whose class already has a centre (`valid[y]`).
+
+    A masked mean, no boolean indexing: nothing waits for the device (0 while no image's class has a centre).
+    """
+    mask = valid[labels].float()
+    distance = 1 - F.cosine_similarity(features.float(), centres[labels], dim=1)
+    penalty = F.relu(lower - distance) + F.relu(distance - upper)
+    return (penalty * mask).sum() / mask.sum().clamp_min(1)
 
 
 def distorted_targets(

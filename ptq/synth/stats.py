@@ -1,83 +1,182 @@
-"""BatchNorm-statistic capture: forward pre-hooks on every BatchNorm input of any timm CNN.
+"""BatchNorm-statistic capture on every BatchNorm input of any timm CNN.
 
-For a batch x and BN layer l the hook reduces the layer's input to per-image, per-channel Σx and Σx²; `moments()` turns
+For a batch x and BN layer l the statistics are the layer input's per-image, per-channel Σx and Σx²; `moments()` turns
 all layers at once into the mean and biased variance over (N, H, W) (per-batch) or over (H, W) for each image
 (per-sample, as ZeroQ). Only these reduced statistics are kept — never the activations — and nothing moves between
 host and device.
+
+Two ways in, chosen per call. A BatchNorm that normalises with its running statistics through `F.batch_norm` (torch's
+BatchNorm*d, timm's BatchNormAct2d, ...) is computed by `FusedBatchNorm`: the normalisation and the statistics in one
+op, whose backward is one pass instead of BN's own backward, the statistics' and autograd's sum of the two (on the
+CPU; see `BNStatistics`). Any other BatchNorm-like module (frozen variants computing x·a + b themselves, BN in
+training mode, a non-float32 input) is read by a forward hook on its input (`ChannelSums`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ptq.quant.fold import is_batchnorm
 
 
-class ChannelSums(torch.autograd.Function):
-    """Per-channel Σx and Σx² of an NCHW tensor over (H, W): shape (N, C) each. Two kernels forward, two backward.
+def _sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel Σx and Σx² of an (N, C, ...) tensor, each of shape (N, C)."""
+    flat = x.reshape(*x.shape[:2], -1)
+    if x.is_cuda:  # one fused Welford pass; on the CPU two vectorised reductions are faster
+        var, mean = torch.var_mean(flat, dim=-1, unbiased=False)
+        count = flat.shape[-1]
+        return mean * count, (var + mean * mean) * count
+    # Σx over the contiguous spatial dimensions and Σx² as a squared 2-norm, each one vectorised read of x: several
+    # times faster on the CPU than var_mean over (0, 2, 3) or a batched dot product (lite0's BN inputs: 5-10x)
+    return flat.sum(-1), torch.linalg.vector_norm(flat, dim=-1).square()
 
-    Σx over the contiguous (H, W) and Σx² as a squared 2-norm over it, each one vectorised read of x — several times
-    faster on the CPU than `torch.var_mean` over (0, 2, 3) or a batched dot product (lite0's BN inputs at batch 8:
-    5–10×). Backward: ∂L/∂x = g₁ + 2·x·g₂ (per image and channel), one fused pass.
-    """
+
+def _statistics_grad(x: torch.Tensor, g1: torch.Tensor | None, g2: torch.Tensor | None) -> torch.Tensor:
+    """∂L/∂x = g₁ + 2·x·g₂ (per image and channel) for L a function of Σx (gradient g₁) and Σx² (gradient g₂)."""
+    shape = (*x.shape[:2],) + (1,) * (x.dim() - 2)
+    g1 = torch.zeros(shape, device=x.device, dtype=x.dtype) if g1 is None else g1.view(shape)
+    if g2 is None:
+        return g1.expand_as(x).clone()
+    return torch.addcmul(g1, x, 2 * g2.view(shape))
+
+
+class ChannelSums(torch.autograd.Function):
+    """Per-channel Σx and Σx² of an (N, C, ...) tensor over its spatial dimensions: shape (N, C) each."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, c = x.shape[:2]
-        flat = x.reshape(n, c, -1)
         ctx.save_for_backward(x)
-        if x.is_cuda:  # one fused Welford pass; on the CPU two vectorised reductions are faster
-            var, mean = torch.var_mean(flat, dim=-1, unbiased=False)
-            hw = flat.shape[-1]
-            return mean * hw, (var + mean * mean) * hw
-        return flat.sum(-1), torch.linalg.vector_norm(flat, dim=-1).square()
+        return _sums(x)
 
     @staticmethod
     def backward(ctx, g1: torch.Tensor | None, g2: torch.Tensor | None):
         (x,) = ctx.saved_tensors
-        shape = (*x.shape[:2], 1, 1)
-        g1 = torch.zeros(shape, device=x.device, dtype=x.dtype) if g1 is None else g1.view(shape)
-        if g2 is None:
-            return g1.expand_as(x).clone()
-        return torch.addcmul(g1, x, 2 * g2.view(shape))
+        return _statistics_grad(x, g1, g2)
+
+
+class FusedBatchNorm(torch.autograd.Function):
+    """An eval-mode BatchNorm y = x·a + b (a, b per channel, constants) together with Σx and Σx² of its input.
+
+    Backward: ∂L/∂x = g_y·a + g₁ + 2·x·g₂, two passes over the input's size. Unfused, the same gradient costs BN's own
+    backward (on the CPU 3-4 times a per-channel scale), the statistics' pass and autograd's sum of the two.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+        ctx.save_for_backward(x, scale)
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        return (torch.addcmul(shift.view(shape), x, scale.view(shape)), *_sums(x))
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor | None, g1: torch.Tensor | None, g2: torch.Tensor | None):
+        x, scale = ctx.saved_tensors
+        grad = _statistics_grad(x, g1, g2)
+        if gy is not None:
+            grad.addcmul_(gy, scale.view((-1,) + (1,) * (x.dim() - 2)))
+        return grad, None, None
+
+
+def _batch_norm_args(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+) -> tuple:
+    """`F.batch_norm`'s arguments, bound by name whichever way they were passed."""
+    return input, running_mean, running_var, weight, bias, training, eps
+
+
+class _BatchNormCalls(TorchFunctionMode):
+    """Routes the `F.batch_norm` calls of known layers to `BNStatistics.fused`; every other call runs as it is."""
+
+    def __init__(self, stats: BNStatistics):
+        super().__init__()
+        self.stats = stats
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            out = self.stats.fused(*_batch_norm_args(*args, **kwargs))
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
 
 
 class BNStatistics:
     """Records the input statistics of the BatchNorm layers of `model` while enabled (a context manager).
 
-    Hooks store only per-channel sums; `moments()` turns all layers into one concatenated mean and variance vector
+    Only per-channel sums are stored; `moments()` turns all layers into one concatenated mean and variance vector
     (per-batch: (ΣC,), per-sample: (N, ΣC)), so that losses over every layer are a handful of kernels, not a few per
     layer — the difference between 4× and 1.1× the cost of a bare forward+backward on a GPU.
+
+    `fuse` (default: on the CPU) computes the BN layers that normalise with running statistics in float32 by
+    `FusedBatchNorm`. Measured on the CPU; on a GPU the unfused path (cuDNN's BN and one statistics kernel each way)
+    is the measured one. Layers it cannot fuse are read by the forward hook either way.
     """
 
-    def __init__(self, model: nn.Module, per_sample: bool = False):
+    def __init__(self, model: nn.Module, per_sample: bool = False, fuse: bool | None = None):
         self.layers = [(name, m) for name, m in model.named_modules() if is_batchnorm(m) and m.running_var is not None]
         self.per_sample = per_sample
+        self.fuse = fuse
         self.sums: list[torch.Tensor | None] = [None] * len(self.layers)
         self.squares: list[torch.Tensor | None] = [None] * len(self.layers)
         self.counts: list[int] = [1] * len(self.layers)
         self.channels = [int(m.running_mean.numel()) for _, m in self.layers]
         self.offsets = [sum(self.channels[:i]) for i in range(len(self.layers) + 1)]
         self._handles: list = []
+        self._mode: _BatchNormCalls | None = None
+        self._index: dict[int, int] = {}  # id(running_mean) -> layer
+        self._fused = [False] * len(self.layers)  # whether the layer's current call was fused
+        self._affine: dict[int, tuple] = {}  # layer -> (versions of its BN tensors, scale, shift)
         self._count_cache: dict[tuple, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def _hook(self, index: int):
-        def hook(module, args):
+        def hook(module, args, output):
+            if self._fused[index]:
+                self._fused[index] = False
+                return
             x = args[0]
             self.sums[index], self.squares[index] = ChannelSums.apply(x.float())
-            self.counts[index] = x.shape[2] * x.shape[3]
+            self.counts[index] = x[0, 0].numel()
 
         return hook
 
+    def fused(self, x, running_mean, running_var, weight, bias, training, eps) -> torch.Tensor | None:
+        """BN output of a known layer's `F.batch_norm` call with its statistics recorded, or None to run it as is."""
+        index = self._index.get(id(running_mean))
+        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias))
+        if index is None or training or grads or x.dtype != torch.float32 or x.dim() < 2 or running_var is None:
+            return None
+        key = tuple(t._version if t is not None else -1 for t in (running_mean, running_var, weight, bias))
+        cached = self._affine.get(index)
+        if cached is None or cached[0] != key or cached[1].device != x.device:  # constants while the layer's are
+            scale = torch.rsqrt(running_var.float() + eps)
+            scale = scale * weight if weight is not None else scale
+            shift = -running_mean.float() * scale
+            shift = shift + bias if bias is not None else shift
+            cached = self._affine[index] = (key, scale, shift)
+        y, self.sums[index], self.squares[index] = FusedBatchNorm.apply(x, cached[1], cached[2])
+        self.counts[index] = x[0, 0].numel()
+        self._fused[index] = True
+        return y
+
     def __enter__(self) -> BNStatistics:
-        self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
+        self._fused = [False] * len(self.layers)
+        device = self.layers[0][1].running_mean.device if self.layers else torch.device("cpu")
+        if self.fuse if self.fuse is not None else device.type == "cpu":
+            self._index = {id(m.running_mean): i for i, (_, m) in enumerate(self.layers)}
+            self._mode = _BatchNormCalls(self)
+            self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._mode = None
         for h in self._handles:
             h.remove()
         self._handles = []
