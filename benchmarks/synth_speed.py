@@ -6,11 +6,12 @@ bns and intraq. Also records images/second and peak memory (CUDA: peak allocated
 resident set after the method's first round, which only grows).
 
     python benchmarks/synth_speed.py [--model tf_efficientnet_lite0] [--batch 32] [--iters 20] [--rounds 5]
-                                     [--device cpu] [--fuse auto|on|off]
+                                     [--device cpu] [--fuse auto|on|off] [--resolution R]
 
 --fuse picks how BN statistics are taken (`ptq.synth.stats.BNStatistics`): `on` computes each BatchNorm and its input
 statistics in one op, `off` reads the statistics by a hook beside torch's BatchNorm, `auto` is what synthesis does
-(fused on the CPU).
+(fused on the CPU). --resolution R runs at R×R instead of the model's own input size: at a small batch and
+resolution the step is bound by per-op overhead (Python, dispatch, on a GPU kernel launches), not by memory.
 """
 
 from __future__ import annotations
@@ -86,11 +87,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=5, help="Interleaved rounds; the median of each counts.")
     parser.add_argument("--fuse", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--resolution", type=int, default=None, help="R×R inputs (default: the model's own size)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     model, data_config = load_model(args.model, device=device)
     size = tuple(data_config["input_size"])
+    if args.resolution:
+        size = (size[0], args.resolution, args.resolution)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
@@ -139,7 +143,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "rows": rows,
     }
-    write_result(result, f"synth_speed_{args.model}_b{args.batch}_{device.type}.json", args.out)
+    res = f"_r{args.resolution}" if args.resolution else ""
+    write_result(result, f"synth_speed_{args.model}_b{args.batch}{res}_{device.type}.json", args.out)
 
 
 if __name__ == "__main__":

@@ -248,9 +248,29 @@ def test_channel_sums_and_fused_batchnorm_have_the_right_gradients():
     assert torch.autograd.gradcheck(ChannelSums.apply, (x,))
     scale, shift = torch.randn(4, dtype=torch.double), torch.randn(4, dtype=torch.double)
     y, f1, f2 = FusedBatchNorm.apply(x, scale, shift)
-    assert torch.allclose(y, x * scale.view(4, 1, 1) + shift.view(4, 1, 1)) and torch.equal(f1, s1)
+    assert (
+        torch.allclose(y, x * scale.view(4, 1, 1) + shift.view(4, 1, 1))
+        and torch.allclose(f1, s1)
+        and torch.allclose(f2, s2)
+    )
     assert torch.autograd.gradcheck(lambda t: FusedBatchNorm.apply(t, scale, shift), (x,))
     assert torch.autograd.gradcheck(lambda t: FusedBatchNorm.apply(t, scale, shift)[2], (x,))  # g_y and g1 absent
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 7, 5), (8, 6)])
+def test_compiled_fused_batchnorm_kernels_equal_their_eager_form(shape):
+    from ptq.synth.stats import _normalize_and_sum, _normalize_and_sum_backward
+
+    torch.manual_seed(0)
+    x, gy = torch.randn(shape), torch.randn(shape)
+    channel, per_image = (-1,) + (1,) * (len(shape) - 2), shape[:2] + (1,) * (len(shape) - 2)
+    scale, shift = torch.randn(6).view(channel), torch.randn(6).view(channel)
+    g1, g2 = torch.randn(per_image), torch.randn(per_image)
+    for got, want in zip(_normalize_and_sum(x, scale, shift), _normalize_and_sum.eager(x, scale, shift), strict=True):
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = _normalize_and_sum_backward(gy, x, scale, g1, g2)
+    assert torch.allclose(got, _normalize_and_sum_backward.eager(gy, x, scale, g1, g2), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got, gy * scale + g1 + 2 * x * g2, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_and_hooked_batchnorms_give_the_same_statistics_and_input_gradient(monkeypatch):
