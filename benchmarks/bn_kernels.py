@@ -8,6 +8,9 @@ of one batch (shapes recorded from the model), in interleaved rounds whose media
   gradients;
 - `fused, op by op` and `fused, compiled` — `FusedBatchNorm`'s two kernels (`ptq.synth.stats`), eager and compiled.
 
+Then the two fused forms on single tensors of growing size: where the compiled pair's fixed cost per call stops
+outweighing what it saves (`FusedBatchNorm` runs tensors below `COMPILED_FROM` elements op by op).
+
     python benchmarks/bn_kernels.py [--model tf_efficientnet_lite0] [--batch 8] [--rounds 7] [--device cpu]
 """
 
@@ -24,7 +27,13 @@ import torch.nn.functional as F
 
 from ptq.models import load_model
 from ptq.quant.fold import is_batchnorm
-from ptq.synth.stats import _normalize_and_sum, _normalize_and_sum_backward, _statistics_grad, _sums
+from ptq.synth.stats import (
+    COMPILED_FROM,
+    _normalize_and_sum,
+    _normalize_and_sum_backward,
+    _statistics_grad,
+    _sums,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -83,6 +92,37 @@ WAYS = {
 }
 
 
+SWEEP = [(1, 16, 4, 4), (1, 32, 16, 16), (1, 96, 16, 16), (4, 64, 16, 16), (1, 32, 112, 112), (8, 32, 56, 56)]
+
+
+def size_sweep(rounds: int, device: torch.device) -> list[dict]:
+    """Fused forward + backward of one tensor per shape, op by op and compiled, repeated to ~10⁷ elements a round."""
+    rows = []
+    for shape in SWEEP:
+        layer = layer_of_shape(shape, device)
+        repeat = max(5, min(2000, 10**7 // layer[0].numel()))
+        median = {}
+        for name in ("fused, op by op", "fused, compiled"):
+            forward, backward = WAYS[name]
+            both = [
+                timed(lambda *a, f=forward, b=backward: (f(*a), b(*a)), [layer] * repeat, device) for _ in range(rounds)
+            ]
+            median[name] = statistics.median(both) / repeat * 1e6
+        rows.append({"shape": list(shape), "elements": layer[0].numel()} | {f"{k} us": v for k, v in median.items()})
+        print(
+            f"{str(shape):18s} {layer[0].numel():>9,d} elements: op by op {median['fused, op by op']:8.1f} µs, "
+            f"compiled {median['fused, compiled']:8.1f} µs"
+        )
+    return rows
+
+
+def layer_of_shape(shape, device) -> tuple:
+    channel, per_image = (-1,) + (1,) * (len(shape) - 2), (*shape[:2],) + (1,) * (len(shape) - 2)
+    a, b = torch.randn(shape[1], device=device).view(channel), torch.randn(shape[1], device=device).view(channel)
+    g1, g2 = torch.randn(per_image, device=device), torch.randn(per_image, device=device)
+    return torch.randn(shape, device=device), torch.randn(shape, device=device), None, a, b, g1, g2
+
+
 def timed(fn, layers, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -118,6 +158,9 @@ def main() -> None:
         fwd, bwd = statistics.median(times[way, "forward"]), statistics.median(times[way, "backward"])
         rows.append({"way": way, "forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3, "total_ms": (fwd + bwd) * 1e3})
         print(f"{way:18s} forward {fwd * 1e3:7.1f} ms  backward {bwd * 1e3:7.1f} ms  total {(fwd + bwd) * 1e3:7.1f} ms")
+    print(f"single tensors (FusedBatchNorm compiles from {COMPILED_FROM:,d} elements):")
+    with torch.no_grad():
+        sweep = size_sweep(args.rounds, device)
     result = {
         "model": args.model,
         "batch": args.batch,
@@ -127,6 +170,8 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "rows": rows,
+        "compiled_from": COMPILED_FROM,
+        "sizes": sweep,
     }
     write_result(result, f"bn_kernels_{args.model}_b{args.batch}_{device.type}.json", args.out)
 

@@ -2,10 +2,11 @@
 
 Reconstruction spends most of an iteration in element-wise work over every weight (AdaRound's soft rounding and
 its regulariser) and every activation (fake quantization with QDrop mixing): a dozen passes over the same memory
-each, which one compiled kernel does in one. Synthesis computes each BatchNorm and its input statistics the same way. A function wrapped with `fused` is compiled on its first call with
-dynamic shapes (callers flatten tensors so that one graph serves every layer); where compilation is unavailable
-(no C++ compiler, no Triton) or fails, a warning says so once and the function runs op by op from then on, with
-the same results up to floating-point rounding. `PTQ_COMPILE=0` turns compilation off.
+each, which one compiled kernel does in one; synthesis computes each BatchNorm with its input statistics so. A
+function wrapped with `fused` is compiled on its first call with dynamic shapes (callers flatten tensors so that one
+graph serves every layer); where compilation is unavailable (no C++ compiler, no Triton) or fails, a warning says so
+once and the function runs op by op from then on, with the same results up to floating-point rounding.
+`PTQ_COMPILE=0` turns compilation off.
 """
 
 from __future__ import annotations

@@ -239,8 +239,12 @@ def test_cli_synthesize_then_quantize_zero_shot(tmp_path, samples_dir):
     assert result.exit_code != 0 and "--out" in result.output
 
 
-def test_channel_sums_and_fused_batchnorm_have_the_right_gradients():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_channel_sums_and_fused_batchnorm_have_the_right_gradients(compiled, monkeypatch):
+    from ptq.synth import stats as stats_module
     from ptq.synth.stats import ChannelSums, FusedBatchNorm
+
+    monkeypatch.setattr(stats_module, "COMPILED_FROM", 0 if compiled else 10**9)
 
     x = torch.randn(3, 4, 5, 6, dtype=torch.double).requires_grad_()
     s1, s2 = ChannelSums.apply(x)

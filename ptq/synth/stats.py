@@ -60,6 +60,11 @@ class ChannelSums(torch.autograd.Function):
         return _statistics_grad(x, g1, g2)
 
 
+# Below this many input elements a compiled kernel's fixed cost per call (~30 µs on the CPU: guards, launch) exceeds
+# what it saves over op by op (equal near 65 k elements, 2x faster at 0.8 M: benchmarks/bn_kernels.py).
+COMPILED_FROM = 1 << 17
+
+
 @fused
 def _normalize_and_sum(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
     """y = x·a + b (a, b broadcast over x's channels) and Σx, Σx² per image and channel: one pass compiled."""
@@ -76,10 +81,11 @@ def _normalize_and_sum_backward(gy, x, scale, g1, g2) -> torch.Tensor:
 class FusedBatchNorm(torch.autograd.Function):
     """An eval-mode BatchNorm y = x·a + b (a, b per channel, constants) together with Σx and Σx² of its input.
 
-    Forward and backward are each one compiled kernel (`ptq._fuse`), the backward one pass over the input's size
-    where unfused the same gradient costs BN's own backward (on the CPU 3-4 times a per-channel scale), the
-    statistics' pass and autograd's sum of the two. Over lite0's 49 BN layers at batch 8 the compiled kernels took
-    20 + 21 ms against 27 + 27 ms op by op (28 + 35 ms for torch's BN and the statistics' passes).
+    Forward and backward are each one compiled kernel (`ptq._fuse`; op by op below `COMPILED_FROM` elements), the
+    backward one pass where unfused the same gradient costs BN's own backward (on the CPU 3-4 times a per-channel
+    scale), the statistics' pass and autograd's sum of the two. Over lite0's 49 BN layers at batch 8 on the 2-core CPU
+    (`benchmarks/bn_kernels.py`): 41 ms forward + backward compiled, 46 ms op by op, 86 ms for torch's BN with the
+    hooked statistics, 40 ms for torch's BN alone.
     """
 
     @staticmethod
@@ -87,13 +93,15 @@ class FusedBatchNorm(torch.autograd.Function):
         channel = (-1,) + (1,) * (x.dim() - 2)
         scale = scale.view(channel)
         ctx.save_for_backward(x, scale)
-        return _normalize_and_sum(x, scale, shift.view(channel))
+        kernel = _normalize_and_sum if x.numel() >= COMPILED_FROM else _normalize_and_sum.eager
+        return kernel(x, scale, shift.view(channel))
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor):  # None grads arrive as zeros
         x, scale = ctx.saved_tensors
         per_image = (*x.shape[:2],) + (1,) * (x.dim() - 2)
-        return _normalize_and_sum_backward(gy, x, scale, g1.view(per_image), g2.view(per_image)), None, None
+        kernel = _normalize_and_sum_backward if x.numel() >= COMPILED_FROM else _normalize_and_sum_backward.eager
+        return kernel(gy, x, scale, g1.view(per_image), g2.view(per_image)), None, None
 
 
 def _batch_norm_args(
