@@ -54,12 +54,10 @@ def layer_inputs(model, size, batch, device) -> list[tuple]:
         h.remove()
     layers = []
     for shape, m in shapes:
-        channel, per_image = (-1,) + (1,) * (len(shape) - 2), (*shape[:2],) + (1,) * (len(shape) - 2)
+        x, gy, _, a, _, g1, g2 = layer_of_shape(shape, device)
         scale = torch.rsqrt(m.running_var + m.eps) * m.weight.detach()
         shift = m.bias.detach() - m.running_mean * scale
-        x, gy = torch.randn(shape, device=device), torch.randn(shape, device=device)
-        g1, g2 = torch.randn(per_image, device=device), torch.randn(per_image, device=device)
-        layers.append((x, gy, m, scale.view(channel), shift.view(channel), g1, g2))
+        layers.append((x, gy, m, scale.view(a.shape), shift.view(a.shape), g1, g2))
     return layers
 
 
@@ -117,6 +115,7 @@ def size_sweep(rounds: int, device: torch.device) -> list[dict]:
 
 
 def layer_of_shape(shape, device) -> tuple:
+    """(x, ∂L/∂y, no module, a, b, g₁, g₂), random, for an input of `shape`."""
     channel, per_image = (-1,) + (1,) * (len(shape) - 2), (*shape[:2],) + (1,) * (len(shape) - 2)
     a, b = torch.randn(shape[1], device=device).view(channel), torch.randn(shape[1], device=device).view(channel)
     g1, g2 = torch.randn(per_image, device=device), torch.randn(per_image, device=device)

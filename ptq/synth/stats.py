@@ -68,14 +68,18 @@ COMPILED_FROM = 1 << 17
 @fused
 def _normalize_and_sum(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
     """y = x·a + b (a, b broadcast over x's channels) and Σx, Σx² per image and channel: one pass compiled."""
-    flat = x.reshape(*x.shape[:2], -1)
-    return torch.addcmul(shift, x, scale), flat.sum(-1), torch.linalg.vector_norm(flat, dim=-1).square()
+    return torch.addcmul(shift, x, scale), *_sums(x)
 
 
 @fused
 def _normalize_and_sum_backward(gy, x, scale, g1, g2) -> torch.Tensor:
     """∂L/∂x = g_y·a + g₁ + 2·x·g₂ (g₁, g₂ shaped to broadcast over x's positions): one pass compiled, two op by op."""
     return torch.addcmul(g1, x, 2 * g2).addcmul_(gy, scale)
+
+
+def _kernel(fn, x: torch.Tensor):
+    """`fn` compiled for inputs of at least `COMPILED_FROM` elements, op by op for smaller ones."""
+    return fn if x.numel() >= COMPILED_FROM else fn.eager
 
 
 class FusedBatchNorm(torch.autograd.Function):
@@ -93,15 +97,14 @@ class FusedBatchNorm(torch.autograd.Function):
         channel = (-1,) + (1,) * (x.dim() - 2)
         scale = scale.view(channel)
         ctx.save_for_backward(x, scale)
-        kernel = _normalize_and_sum if x.numel() >= COMPILED_FROM else _normalize_and_sum.eager
-        return kernel(x, scale, shift.view(channel))
+        return _kernel(_normalize_and_sum, x)(x, scale, shift.view(channel))
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor):  # None grads arrive as zeros
         x, scale = ctx.saved_tensors
         per_image = (*x.shape[:2],) + (1,) * (x.dim() - 2)
-        kernel = _normalize_and_sum_backward if x.numel() >= COMPILED_FROM else _normalize_and_sum_backward.eager
-        return kernel(gy, x, scale, g1.view(per_image), g2.view(per_image)), None, None
+        grad = _kernel(_normalize_and_sum_backward, x)(gy, x, scale, g1.view(per_image), g2.view(per_image))
+        return grad, None, None
 
 
 def _batch_norm_args(
