@@ -401,7 +401,7 @@ def synthesize(
     overwrite: Annotated[bool, typer.Option(help="Replace a set made with other settings in --out.")] = False,
 ) -> None:
     """Synthesize calibration images from a pretrained model's BatchNorm statistics (rerun to resume)."""
-    from ptq.models import load_model
+    from ptq.models import load_model, weights_digest
     from ptq.pipeline import synthesize_set
     from ptq.synth.run import check_synth_dir
     from ptq.synth.run import fingerprint as synth_fingerprint
@@ -418,7 +418,7 @@ def synthesize(
         resolved = _resolve_recipe(recipe, overrides, flags)
         dev = start(device)
         fp_model, data_config = distributed.together(load_model, model, checkpoint=checkpoint, device=dev)
-        fp = synth_fingerprint(model, data_config, resolved.synth)
+        fp = synth_fingerprint(model, data_config, resolved.synth, weights_digest(fp_model))
         distributed.on_main(check_synth_dir, out, fp, overwrite)  # before any work
         with progress_bars() as progress:
             meta, _ = synthesize_set(fp_model, model, data_config, resolved, out, calib_data, dev, overwrite, progress)
@@ -463,7 +463,7 @@ def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
             "reconstruction cache",
             f"{cache['placement']} {cache['dtype']}, {cache['peak_unit_mb']} MiB (all units: {cache['all_units_mb']})",
         )
-    stages = ("load", "synthesize", "sensitivity", "calibrate", "reconstruct", "evaluate")
+    stages = ("load", "synthesize", "sensitivity", "calibrate", "round", "reconstruct", "evaluate")
     stages = [k for k in stages if k in report["timings_s"]]
     table.add_row(f"time: {' / '.join(stages)} (s)", " / ".join(_fmt(report["timings_s"][k]) for k in stages))
     console.print(table)
@@ -472,7 +472,7 @@ def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
     if report["method"] == "rtn" and (report["mixed"] or report["w_bits"] < 8):
         console.print(
             "note: round-to-nearest below 8-bit weights loses much accuracy on most networks; "
-            "reconstruction recovers it: --method qdrop (or adaround, brecq)"
+            "--method gptq (minutes) or qdrop (longer) recovers it"
         )
     extra = ", sensitivity.json" if mixed else ""
     console.print(f"wrote {out}/ (model.safetensors, quant_config.json, recipe.yaml, report.json{extra})")

@@ -55,6 +55,19 @@ class Method(str, Enum):
     ADAROUND = "adaround"  # learned rounding, layer by layer
     BRECQ = "brecq"  # learned rounding, block by block
     QDROP = "qdrop"  # learned rounding, block by block, with activation-quantization dropping
+    GPTQ = "gptq"  # second-order rounding, layer by layer (GPTQ / OBQ)
+
+    @property
+    def reconstructs(self) -> bool:
+        return self in (Method.ADAROUND, Method.BRECQ, Method.QDROP)
+
+
+class BiasCorrection(str, Enum):
+    """How each layer's bias takes back the mean output shift its weight rounding causes (DFQ arXiv 1906.04721)."""
+
+    OFF = "off"
+    EMPIRICAL = "empirical"  # (W − Ŵ)·E[x], E[x] over the calibration inputs the quantized network gives the layer
+    ANALYTIC = "analytic"  # E[x] from the BatchNorm statistics of the layer that makes x (no data needed)
 
 
 class SynthMethod(str, Enum):
@@ -97,6 +110,8 @@ class QuantConfig:
     quantize_weights: bool = True
     quantize_activations: bool = True
     fold_bn: bool = True
+    equalize: bool = False  # cross-layer equalization of conv → ReLU/ReLU6 → conv pairs after folding
+    bias_correction: BiasCorrection = BiasCorrection.OFF
 
     def __post_init__(self):
         coerce_enums(self)
@@ -209,6 +224,29 @@ class SynthConfig:
             raise ConfigError(f"synth.classes must be a non-empty list of class indices, got {self.classes!r}")
 
 
+@dataclass
+class GptqConfig:
+    """Second-order rounding (`--method gptq`, and reconstruction's start with `recon.init=gptq`): dampening δ of
+    H += δ·mean(diag H)·I, columns per lazy update block, and whether columns go in order of decreasing H_ii."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.damp, bool) or not self.damp > 0:
+            raise ConfigError(f"gptq.damp must be > 0, got {self.damp!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ConfigError(f"gptq.block_size must be an integer ≥ 1, got {self.block_size!r}")
+
+
+class RoundingInit(str, Enum):
+    """Where reconstruction's learned rounding starts."""
+
+    NEAREST = "nearest"  # AdaRound's start: the soft weight is W, hard rounding is to nearest
+    GPTQ = "gptq"  # GPTQ's rounding and its error-compensated weights (a warm start)
+
+
 class ActSteps(str, Enum):
     """How activation step sizes are treated during reconstruction (ALGORITHMS.md §2)."""
 
@@ -245,6 +283,7 @@ class ReconConfig:
     fisher: bool = False  # weight the loss by the squared gradient of the task loss (FP model's own labels)
     cache: str = "auto"  # where unit inputs/targets are kept: auto (device if it fits), cpu or device
     cache_dtype: CacheDtype = CacheDtype.FLOAT32
+    init: RoundingInit = RoundingInit.NEAREST
     seed: int = 0
 
     def __post_init__(self):
@@ -380,6 +419,7 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
+    gptq: GptqConfig = field(default_factory=GptqConfig)
     mixed: MixedConfig = field(default_factory=MixedConfig)
 
     def __post_init__(self):

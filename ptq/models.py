@@ -11,6 +11,7 @@ Offline, a model with no local weights fails within seconds with a message namin
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import json
 import logging
@@ -216,6 +217,17 @@ def create(name: str, checkpoint: str | Path | None = None, pretrained: bool = T
         hint = "pass --checkpoint FILE (.safetensors or .pth), or run once with network access to cache timm's weights"
     reason = "the model hub is unreachable" if has_timm_weights else "timm has no pretrained weights for it"
     raise ModelLoadError(f"no local weights for {name} and {reason}; {hint}")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short SHA-256 of the model's state (names, shapes, dtypes and bytes): two checkpoints of one architecture
+    differ in it."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def load_model(

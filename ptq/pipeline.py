@@ -27,7 +27,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from ptq import distributed
 from ptq._io import check_output_dir, staged_dir, write_json, write_text
-from ptq.config import ConfigError, Method, Recipe, SynthMethod, dump_recipe
+from ptq.config import BiasCorrection, ConfigError, Method, Recipe, RoundingInit, SynthMethod, dump_recipe, to_plain
 from ptq.data import DataError, ImageFolder, calibration_set, image_batches, make_loader
 from ptq.eval.harness import run_metrics
 from ptq.export.checkpoint import WEIGHTS_FILE, fp32_weight_bytes, save_quantized
@@ -35,10 +35,13 @@ from ptq.mixed import Allocation, Budget, SensitivityTable, allocate, apply_bits
 from ptq.mixed.allocate import check_feasible, evaluate
 from ptq.mixed.plot import plot_sensitivity
 from ptq.mixed.sensitivity import describe_layers
-from ptq.models import cache_dir, load_model
+from ptq.models import cache_dir, load_model, weights_digest
 from ptq.quant import calibrate, prepare
 from ptq.quant.modules import quant_layers
 from ptq.quant.prepare import layer_bits
+from ptq.recon.analytic import analytic_input_means
+from ptq.recon.engine import fp_reference
+from ptq.recon.layerwise import Rounding, round_layers
 from ptq.recon.run import reconstruct
 from ptq.synth import SynthError, SyntheticSet, class_statistics, synthesize
 from ptq.synth.run import fingerprint as synth_fingerprint
@@ -66,8 +69,9 @@ def real_images(
     return torch.stack(images), (labels if bool((labels >= 0).all()) else None)
 
 
-def default_synth_dir(model_name: str, data_config: dict, recipe: Recipe) -> Path:
-    return cache_dir() / "synth" / f"{model_name}-{synth_fingerprint(model_name, data_config, recipe.synth)}"
+def default_synth_dir(model_name: str, data_config: dict, recipe: Recipe, weights: str) -> Path:
+    """The cache folder of a zero-shot run's synthetic set, keyed by model, weights, input and settings."""
+    return cache_dir() / "synth" / f"{model_name}-{synth_fingerprint(model_name, data_config, recipe.synth, weights)}"
 
 
 def synthesize_set(
@@ -113,10 +117,12 @@ def calibration_data(
             num, seed = recipe.calib.num_images, recipe.calib.seed
             calib, meta = distributed.together(calibration_set, calib_data, data_config, num, seed), None
         else:
-            folder = Path(synth_data) if synth_data else default_synth_dir(model_name, data_config, recipe)
+            digest = weights_digest(fp_model)
+            folder = Path(synth_data) if synth_data else default_synth_dir(model_name, data_config, recipe, digest)
             calib, meta = _synthetic_calibration(
-                fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, synth_data is None
-            )
+                fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, synth_data is None,
+                digest,
+            )  # fmt: skip
     loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
     return calib, meta, _counted(image_batches(loader, device), len(loader))
 
@@ -219,7 +225,8 @@ def quantize(
     calib, synth_meta, batches = calibration_data(
         fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data, timings
     )
-    if recipe.method is not Method.RTN or recipe.mixed.enabled:
+    layerwise = needs_layerwise(recipe)
+    if recipe.method is not Method.RTN or recipe.mixed.enabled or layerwise:
         batches = list(batches)  # used more than once: load and preprocess the images once
     table = allocation = None
     if recipe.mixed.enabled:
@@ -227,12 +234,10 @@ def quantize(
             table, allocation = mixed_bits(qmodel, batches, model_name, recipe, budget, sensitivity_file, progress)
     with _timed(timings, "calibrate"):
         calibrate(qmodel, batches, q, progress)  # under torchrun the ranges are computed once and shared
-    recon_summary = None
-    work_dir = Path(out).parent / f".{Path(out).name}.recon"  # per-unit checkpoints: a rerun resumes
-    if recipe.method is not Method.RTN:
-        batches = _share(batches)  # data-parallel: each rank reconstructs on its share of the images
-        with _timed(timings, "reconstruct"):
-            recon_summary = reconstruct(qmodel, batches, recipe.method, recipe.recon, work_dir, progress)
+    work_dir = Path(out).parent / f".{Path(out).name}.recon"  # per-layer/unit checkpoints: a rerun resumes
+    if layerwise or recipe.method.reconstructs:
+        batches = _share(batches)  # data-parallel: each rank works on its share of the images
+    rounding_summary, recon_summary = round_weights(qmodel, fp_model, batches, recipe, work_dir, progress, timings)
     mixed = None
     if allocation is not None:
         mixed = {"budget": budget.to_dict(), **allocation.to_dict()}
@@ -249,6 +254,7 @@ def quantize(
             "images": len(calib),
             "synthetic": synth_meta,
         },
+        "rounding": rounding_summary,
         "reconstruction": recon_summary,
         "evaluation": None,
         "fp_evaluation": None,
@@ -351,8 +357,54 @@ def sensitivity_csv(table: SensitivityTable, chosen: Allocation) -> str:
     return buffer.getvalue()
 
 
+def round_weights(
+    qmodel: nn.Module,
+    fp_model: nn.Module,
+    batches: list[torch.Tensor],
+    recipe: Recipe,
+    work_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Everything after calibration that decides the weights of a calibrated model, in place: the layer-wise pass
+    (GPTQ and/or bias correction) and reconstruction, as the recipe asks. Returns their summaries (or None)."""
+    timings = {} if timings is None else timings
+    q = recipe.quant
+    layerwise = needs_layerwise(recipe)
+    # the FP targets of reconstruction, taken before the layer-wise pass changes weights and biases
+    reference = fp_reference(qmodel) if recipe.method.reconstructs else None
+    rounding_summary = recon_summary = starts = None
+    if layerwise:
+        with _timed(timings, "round"):
+            rounding_summary, starts = round_layers(
+                qmodel, batches, layerwise, recipe.gptq, q.bias_correction, reference, work_dir, progress,
+                analytic_means=_analytic_means(qmodel, fp_model, q, batches),
+            )  # fmt: skip
+    if recipe.method.reconstructs:
+        context = {"quant": to_plain(q.__dict__), "gptq": to_plain(recipe.gptq.__dict__), "bits": layer_bits(qmodel)}
+        with _timed(timings, "reconstruct"):
+            recon_summary = reconstruct(
+                qmodel, batches, recipe.method, recipe.recon, work_dir, progress, reference, starts, context
+            )
+    return rounding_summary, recon_summary
+
+
+def needs_layerwise(recipe: Recipe) -> Rounding | None:
+    """The layer-wise pass a recipe asks for before any reconstruction: GPTQ (`--method gptq`, or reconstruction
+    started from it), or round-to-nearest for bias correction alone; None when there is none."""
+    if recipe.method is Method.GPTQ or (recipe.method.reconstructs and recipe.recon.init is RoundingInit.GPTQ):
+        return Rounding.GPTQ
+    return Rounding.NEAREST if recipe.quant.bias_correction is not BiasCorrection.OFF else None
+
+
+def _analytic_means(qmodel: nn.Module, fp_model: nn.Module, q, batches) -> dict[str, torch.Tensor] | None:
+    if q.bias_correction is not BiasCorrection.ANALYTIC:
+        return None
+    return analytic_input_means(qmodel, fp_model, batches[0][:1])
+
+
 def _synthetic_calibration(
-    fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, cached: bool = False
+    fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, cached: bool, digest: str
 ):
     """The calibration set of a zero-shot run: a finished set in `folder` reused, else synthesized (resumed). A set
     the user named (`--synth-data`) is used whole; the cache's set serves the first `synth.num_images` images and
@@ -369,6 +421,11 @@ def _synthetic_calibration(
             made_for = (synthetic.meta.get("model"), list(synthetic.meta["data_config"]["input_size"]))
             if made_for != (model_name, list(data_config["input_size"])):
                 raise SynthError(f"--synth-data {folder} was made for {made_for[0]} at {made_for[1]}; synthesize anew")
+            if synthetic.meta.get("weights", digest) != digest:
+                raise SynthError(
+                    f"--synth-data {folder} was made from other weights of {model_name}; synthesize anew for these "
+                    "(or pass the --checkpoint it was made from)"
+                )
             log.info("reusing the synthetic set in %s", folder)
             real = None
             if recipe.synth.method is SynthMethod.FDDA and calib_data is not None:

@@ -79,3 +79,21 @@ def test_cuda_quantize_save_load_matches(tmp_path):
         assert torch.equal(gpu(x.cuda()), loaded(x.cuda()))
         # the same checkpoint on CPU: only float rounding differs (an activation may land on the other grid point)
         assert sqnr_db(loaded(x.cuda()).cpu(), load_quantized(tmp_path)(x)) > 25
+
+
+def test_biases_added_by_bias_correction_are_saved_and_loaded(tmp_path):
+    """Without BatchNorm folding a ResNet's convolutions have no bias; bias correction gives them one."""
+    from ptq.config import BiasCorrection
+    from ptq.recon.layerwise import Rounding, round_layers
+
+    torch.manual_seed(0)
+    model = random_bn_stats(timm.create_model("test_resnet"))
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    config = QuantConfig(w_bits=4, a_bits=8, fold_bn=False, bias_correction=BiasCorrection.EMPIRICAL)
+    qmodel = calibrate(prepare(model, config, x[:1]), [x], config)
+    assert qmodel.get_submodule("layer1.0.conv1").layer.bias is None
+    round_layers(qmodel, [x], Rounding.NEAREST, bias=BiasCorrection.EMPIRICAL)
+    assert qmodel.get_submodule("layer1.0.conv1").layer.bias is not None
+    save_quantized(qmodel, tmp_path, "test_resnet", config, {"input_size": (3, 64, 64)})
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), load_quantized(tmp_path)(x))

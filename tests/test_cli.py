@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import random_checkpoint
 from typer.testing import CliRunner
 
@@ -246,3 +247,52 @@ def test_every_reconstruction_recipe_runs_end_to_end(tmp_path, checkpoint, few_p
     assert recon["act_steps"] == expected and recon["learn_weight_scale"] == (recipe == "genie-m")
     assert recon["cache"]["placement"] == "cpu" and recon["cache"]["dtype"] == "float16"
     assert recon["reg_weight"] == (1.0 if recipe == "genie-m" else 0.01)  # test_resnet has no depthwise convs
+
+
+def test_gptq_with_bias_correction_resumes_per_layer_and_gives_the_uninterrupted_result(
+    tmp_path, checkpoint, few_photos, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    from ptq.recon import layerwise
+
+    args = ["test_resnet", "--checkpoint", checkpoint, "--bits", 4, "--calib-data", few_photos, "--method", "gptq",
+            "--set", "quant.bias_correction=empirical", "--device", "cpu"]  # fmt: skip
+    assert _quantize(*args, "--out", tmp_path / "one").exit_code == 0
+    report = json.loads((tmp_path / "one" / "report.json").read_text())
+    rounding = report["rounding"]
+    assert report["method"] == "gptq" and rounding["rounding"] == "gptq" and rounding["bias_correction"] == "empirical"
+    assert len(rounding["per_layer"]) == rounding["layers"] == report["layers"]["quantized"]
+    assert sum(r["error"] for r in rounding["per_layer"]) < sum(r["rtn_error"] for r in rounding["per_layer"])
+    assert "round" in report["timings_s"]
+
+    calls, original = [], layerwise._round_layer
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return original(*a, **kw)
+
+    monkeypatch.setattr(layerwise, "_round_layer", interrupted)
+    result = _quantize(*args, "--out", tmp_path / "two")
+    assert result.exit_code == 130 and "rerun the same command to resume" in " ".join(result.output.split())
+    assert len(list((tmp_path / ".two.recon").glob("layer_*.safetensors"))) == 3 and not (tmp_path / "two").exists()
+    monkeypatch.undo()
+    assert _quantize(*args, "--out", tmp_path / "two").exit_code == 0
+    resumed = json.loads((tmp_path / "two" / "report.json").read_text())["rounding"]["per_layer"]
+    assert [r.get("resumed", False) for r in resumed][:4] == [True, True, True, False]
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert not (tmp_path / ".two.recon").exists()
+
+
+def test_reconstruction_can_start_from_gptq(tmp_path, checkpoint, few_photos):
+    out = tmp_path / "q"
+    result = _quantize("test_resnet", "--checkpoint", checkpoint, "--bits", 4, "--calib-data", few_photos,
+                       "--out", out, "--method", "qdrop", "--set", "recon.init=gptq", "--set", "recon.iters=4",
+                       "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["rounding"]["rounding"] == "gptq" and report["reconstruction"]["init"] == "gptq"
+    assert "round" in report["timings_s"] and "reconstruct" in report["timings_s"]

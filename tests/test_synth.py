@@ -434,3 +434,43 @@ def test_marginal_distance_counts_only_images_whose_class_has_a_centre():
     assert features.grad[~keep].abs().sum() == 0 and torch.isfinite(features.grad).all()
     none = marginal_distance_loss(features, labels, centres, torch.zeros(3, dtype=torch.bool), 0.2, 0.5)
     assert none.item() == 0
+
+
+def test_two_checkpoints_of_one_architecture_get_two_synthetic_sets(tmp_path, samples_dir, monkeypatch):
+    """The cached set is keyed by the weights: a second checkpoint of the same architecture synthesizes its own set
+    instead of calibrating on the first one's images."""
+    import json
+
+    from conftest import random_bn_stats
+    from safetensors.torch import save_file
+
+    from ptq.cli import app
+
+    monkeypatch.setenv("PTQ_CACHE_DIR", str(tmp_path / "cache"))
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"w{seed}.safetensors"
+        save_file(random_bn_stats(timm.create_model("test_efficientnet"), seed).state_dict(), str(path))
+        paths.append(path)
+
+    def calibration(path, out):
+        result = runner.invoke(
+            app,
+            ["quantize", "test_efficientnet", "--checkpoint", str(path), "--bits", "8", "--zero-shot",
+             "--synth-method", "bns", "--num-images", "4", "--set", "synth.iters=2", "--set", "synth.batch_size=4",
+             "--out", str(tmp_path / out), "--device", "cpu"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / out / "report.json").read_text())["calibration"]["synthetic"]
+
+    first, second = calibration(paths[0], "a"), calibration(paths[1], "b")
+    assert first["folder"] != second["folder"] and first["fingerprint"] != second["fingerprint"]
+    assert second["resumed_batches"] == 0  # synthesized for the second model, not reused
+    assert calibration(paths[0], "c")["folder"] == first["folder"]  # the first model's set is still reused
+    result = runner.invoke(
+        app,
+        ["quantize", "test_efficientnet", "--checkpoint", str(paths[1]), "--bits", "8", "--zero-shot",
+         "--synth-data", first["folder"], "--out", str(tmp_path / "d"), "--device", "cpu"],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "other weights" in result.output and not (tmp_path / "d").exists()

@@ -138,6 +138,10 @@ def load_quantized(folder: str | Path, device: torch.device | str = "cpu") -> nn
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{folder / WEIGHTS_FILE} is corrupt or truncated ({e}); re-run `ptq quantize`") from None
     state = _unpack_state(stored, meta, folder)
+    for name, layer in quant_layers(qmodel).items():  # bias correction gave a bias to a layer that had none
+        bias = state.get(f"{name}.layer.bias")
+        if bias is not None and layer.layer.bias is None and bias.shape == (layer.weight.shape[0],):
+            layer.layer.bias = nn.Parameter(torch.zeros_like(bias))
     try:
         result = qmodel.load_state_dict(state, strict=False)
     except RuntimeError:

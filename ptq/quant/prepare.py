@@ -1,7 +1,8 @@
 """`prepare(model, config)`: turn any timm CNN into a fake-quantized model, without graph tracing.
 
 Steps (each explicit; nothing is initialised lazily in `forward`):
-1. BatchNorm folded into its conv where legal (`ptq.quant.fold`).
+1. BatchNorm folded into its conv where legal (`ptq.quant.fold`); optionally cross-layer equalization of the folded
+   weights (`ptq.quant.equalize`).
 2. Every conv/linear becomes a `QuantLayer` (per-output-channel weight quantizer).
 3. Activation quantizers on outputs (ALGORITHMS.md §0): after every nonlinearity (not the sigmoid/tanh gates of
    attention modules) and after the multiply of squeeze-excite modules.
@@ -26,6 +27,7 @@ from torch import nn
 
 from ptq.config import HIGH_BITS, BitConvention, QuantConfig, WeightGranularity
 from ptq.quant._probe import example_input, hooked
+from ptq.quant.equalize import ChannelClamp, equalize
 from ptq.quant.fold import fold_batchnorm, replace_module
 from ptq.quant.modules import ActQuantizer, OutputQuant, QuantLayer, act_quantizers, quant_layers, set_quant_state
 
@@ -53,6 +55,7 @@ NONLINEARITIES = (
         nn.CELU,
         nn.SELU,
         nn.PReLU,
+        ChannelClamp,
     )
     + timm_classes(
         "timm.layers.activations", ("Swish", "Mish", "HardSwish", "HardMish", "GELU", "GELUTanh", "QuickGELU", "PReLU")
@@ -168,6 +171,8 @@ def prepare(model: nn.Module, config: QuantConfig, example: torch.Tensor | None 
     device = next(model.parameters()).device
     if config.fold_bn:
         fold_batchnorm(model, example)
+    if config.equalize:
+        equalize(model, example)
     per_channel = config.w_granularity is WeightGranularity.CHANNEL
     targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not targets:

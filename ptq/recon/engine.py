@@ -369,9 +369,17 @@ def _optimise(
 
 
 def reconstruct_unit(
-    model: nn.Module, unit: Unit, data: UnitData, settings: Settings | None = None, step: Step | None = None, **kw
+    model: nn.Module,
+    unit: Unit,
+    data: UnitData,
+    settings: Settings | None = None,
+    step: Step | None = None,
+    start: dict[str, torch.Tensor] | None = None,
+    **kw,
 ) -> dict[str, float]:
-    """Reconstruct one unit in place (see the module docstring); `kw` overrides fields of `settings`.
+    """Reconstruct one unit in place (see the module docstring); `kw` overrides fields of `settings`. `start` maps
+    layer names to the weights their rounding starts from (default: the layer's own weight): AdaRound decides
+    between the two grid points around it, and before any iteration its hard rounding is to the nearest.
 
     Afterwards its layers' weights are hard-rounded on their quantizers' grids (whose scales Genie-M may have
     changed) and its activation quantizers hold their learned steps."""
@@ -380,10 +388,11 @@ def reconstruct_unit(
     device = next(module.parameters()).device
     layers: list[QuantLayer] = [model.get_submodule(name) for name in unit.layers]
     learn_scale = settings.weight_scale_lr is not None
+    start = start or {}
     rounders = [
-        AdaRoundQuantizer(layer.weight, layer.weight_quantizer.scale, layer.weight_quantizer.zero_point,
-                          layer.weight_quantizer.bits, learn_scale).to(device)
-        for layer in layers
+        AdaRoundQuantizer(start.get(name, layer.weight), layer.weight_quantizer.scale,
+                          layer.weight_quantizer.zero_point, layer.weight_quantizer.bits, learn_scale).to(device)
+        for name, layer in zip(unit.layers, layers, strict=True)
     ]  # fmt: skip
     originals = [layer.weight_quantizer for layer in layers]
     inner = [m for m in module.modules() if isinstance(m, ActQuantizer) and m.enabled]

@@ -128,9 +128,13 @@ def plan_cache(
     return CachePlan(store, dtype, unit_bytes)
 
 
-def _fingerprint(method: Method, config: ReconConfig, units: list[Unit], images: int, first: torch.Tensor) -> str:
-    """What a unit's checkpoint depends on; not the number of processes, so a rerun may use any."""
+def _fingerprint(
+    method: Method, config: ReconConfig, units: list[Unit], images: int, first: torch.Tensor, context: Any = None
+) -> str:
+    """What a unit's checkpoint depends on (with `context`: what came before, e.g. the quantization config); not the
+    number of processes, so a rerun may use any."""
     key = {
+        "context": context,
         "method": method.value,
         "config": to_plain({k: v for k, v in config.__dict__.items() if k not in ("cache", "cache_dtype")}),
         "units": [u.name for u in units],
@@ -193,8 +197,16 @@ def reconstruct(
     config: ReconConfig,
     work_dir: str | Path | None = None,
     progress: Progress | None = None,
+    reference: nn.Module | None = None,
+    starts: dict[str, torch.Tensor] | None = None,
+    context: Any = None,
 ) -> dict[str, Any]:
     """Reconstruct all units of `model` in place; returns a per-unit summary.
+
+    `reference`: the FP copy whose forwards give the targets (`fp_reference`, made here when not given; give it when
+    the model's weights or biases were changed since calibration, e.g. by GPTQ or bias correction). `starts`: per
+    layer, the weights its learned rounding starts from (GPTQ's error-compensated weights: a warm start) instead of
+    its own. `context`: what the result also depends on, for the unit checkpoints' fingerprint.
 
     Under torchrun, `batches` are this rank's contiguous share of the calibration images (rank order = image
     order): each rank caches only its share of every unit, gradients are summed over ranks (see `_optimise`), every
@@ -215,12 +227,13 @@ def reconstruct(
         progress("reconstruct", 0, None, note=f"cache: {d['placement']} {d['dtype']}, {d['peak_unit_mb']} MiB per unit")
     w = distributed.world()
     fp = distributed.broadcast_object(  # rank 0's first image is the calibration set's first
-        _fingerprint(method, config, units, sum(distributed.gather_objects(images)), batches[0][:1])
+        _fingerprint(method, config, units, sum(distributed.gather_objects(images)), batches[0][:1], context)
     )
     work = Path(work_dir) if work_dir is not None else None
     if work is not None and w.main:
         work.mkdir(parents=True, exist_ok=True)
-    reference = fp_reference(model)  # the FP targets, kept apart from the weights reconstruction rounds
+    if reference is None:
+        reference = fp_reference(model)  # the FP targets, kept apart from the weights reconstruction rounds
     summary: list[dict[str, Any]] = []
     counts = [total_iters(settings, u, model) for u in units]
     total = sum(counts)
@@ -241,7 +254,7 @@ def reconstruct(
             if progress is not None:
                 progress("reconstruct", done + it, total, note=f"{label} loss {rec:.4g}")
 
-        result = reconstruct_unit(model, unit, data, settings, step, seed=config.seed + i)
+        result = reconstruct_unit(model, unit, data, settings, step, start=starts, seed=config.seed + i)
         del data
         distributed.broadcast_(_unit_tensors(model, unit).values())  # ranks stay bit-identical
         summary.append(
@@ -264,6 +277,7 @@ def reconstruct(
         "act_steps": settings.act_steps.value,
         "learn_weight_scale": settings.weight_scale_lr is not None,
         "fisher": config.fisher,
+        "init": config.init.value,
         "cache": plan.describe(),
         "processes": w.size,
         "seconds": round(time.perf_counter() - start, 2),

@@ -23,6 +23,7 @@ from torch import nn
 from ptq import distributed
 from ptq._io import OutputError, atomic_path, write_json
 from ptq.config import SynthConfig, to_plain
+from ptq.models import weights_digest
 from ptq.synth.shards import META_FILE, PREVIEW_FILE, read_shard, shard_path, write_shard
 from ptq.synth.synthesizer import ClassStatistics, SynthBatch, Synthesizer
 
@@ -31,11 +32,13 @@ Progress = Callable[[str, int, int | None], None]
 FORMAT_VERSION = 1
 
 
-def fingerprint(model_name: str, data_config: dict, config: SynthConfig) -> str:
-    """Everything that changes a batch's content; num_images is left out so that a set can grow."""
+def fingerprint(model_name: str, data_config: dict, config: SynthConfig, weights: str) -> str:
+    """Everything that changes a batch's content — the model's weights (`ptq.models.weights_digest`) included;
+    num_images is left out so that a set can grow."""
     settings = {k: v for k, v in to_plain(config.__dict__).items() if k != "num_images"}
     key = {
         "model": model_name,
+        "weights": weights,
         "input_size": list(data_config["input_size"]),
         "mean": list(data_config["mean"]),
         "std": list(data_config["std"]),
@@ -124,7 +127,8 @@ def synthesize(
     over ranks, and rank 0 writes the metadata and preview once every shard exists."""
     out = Path(out)
     w = distributed.world()
-    fp = fingerprint(model_name, data_config, config)
+    digest = weights_digest(model)
+    fp = fingerprint(model_name, data_config, config, digest)
     distributed.on_main(check_synth_dir, out, fp, overwrite)  # rank 0 checks (and clears, with overwrite)
     synth = Synthesizer(model, tuple(data_config["input_size"]), config, device, class_stats)
     if w.main:
@@ -170,6 +174,7 @@ def synthesize(
         meta = {
             "format_version": FORMAT_VERSION,
             "model": model_name,
+            "weights": digest,
             "method": config.method.value,
             "fingerprint": fp,
             "num_images": config.num_images,
