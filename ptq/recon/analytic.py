@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ptq.quant._probe import hooked
 from ptq.quant.fold import find_foldable, is_batchnorm
@@ -49,6 +50,24 @@ def _elementwise(module: nn.Module):
     return module if isinstance(module, NONLINEARITIES) else None
 
 
+class _WritesOutside(TorchFunctionMode):
+    """Stops following a tensor that is changed in place outside the followed modules (a residual `x += shortcut`
+    keeps the tensor's identity but not its distribution)."""
+
+    def __init__(self, tracked: dict):
+        super().__init__()
+        self.tracked = tracked
+        self.depth = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        in_place = (name.endswith("_") and not name.endswith("__")) or kwargs.get("inplace") is True
+        if in_place and self.depth == 0 and args and isinstance(args[0], torch.Tensor):
+            self.tracked.pop(id(args[0]), None)
+        return func(*args, **kwargs)
+
+
 def analytic_input_means(qmodel: nn.Module, fp_model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per quantized layer of `qmodel` (made by `prepare` from `fp_model`), the mean of its unfolded input columns,
     (groups, d), where the BatchNorm statistics of `fp_model` determine it; see the module docstring."""
@@ -63,19 +82,23 @@ def analytic_input_means(qmodel: nn.Module, fp_model: nn.Module, example: torch.
             weight = bn.weight if getattr(bn, "weight", None) is not None else torch.ones_like(bn.running_mean)
             bias = bn.bias if getattr(bn, "bias", None) is not None else torch.zeros_like(bn.running_mean)
             moments[name] = (bias.detach(), weight.detach().abs())
-    # tensor id → (layer that made it, element-wise functions applied since, mean-preserving steps taken)
+    # tensor id → (layer that made it, element-wise functions applied since)
     tracked: dict[int, tuple[str, list]] = {}
     inputs: dict[str, tuple[str, list] | None] = {}
     shapes: dict[str, torch.Tensor] = {}
-    watched = [(n, m) for n, m in qmodel.named_modules() if n and (n in layers or _elementwise(m) is not None
-               or isinstance(m, MEAN_PRESERVING) or isinstance(m, OutputQuant))]  # fmt: skip
+    inside_wrapper = {id(c) for m in qmodel.modules() if isinstance(m, OutputQuant) for c in m.modules() if c is not m}
+    watched = [(n, m) for n, m in qmodel.named_modules() if n and id(m) not in inside_wrapper
+               and (n in layers or _elementwise(m) is not None or isinstance(m, MEAN_PRESERVING))]  # fmt: skip
+    writes = _WritesOutside(tracked)
 
     def pre(name, module, x):
+        writes.depth += 1
         if name in layers:
             inputs.setdefault(name, tracked.get(id(x)))
             shapes.setdefault(name, x)
 
     def post(name, module, x, y):
+        writes.depth -= 1
         if name in layers:
             if name in moments:
                 tracked[id(y)] = (name, [])
@@ -89,7 +112,7 @@ def analytic_input_means(qmodel: nn.Module, fp_model: nn.Module, example: torch.
         elif isinstance(module, MEAN_PRESERVING):
             tracked[id(y)] = source
 
-    with torch.no_grad(), hooked(watched, pre=pre, post=post):
+    with torch.no_grad(), hooked(watched, pre=pre, post=post), writes:
         qmodel(example)
     means = {}
     for name, source in inputs.items():
