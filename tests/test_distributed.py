@@ -208,3 +208,31 @@ def test_bad_input_that_every_rank_meets_after_joining_is_reported_once(tmp_path
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
         assert result.returncode != 0 and len(errors) == 1 and expected in errors[0], errors
         assert not (tmp_path / "q").exists()
+
+
+def test_gptq_with_bias_correction_gives_the_same_model_on_two_processes(
+    tmp_path, checkpoints, samples_dir, one_thread
+):
+    """Input statistics are summed over ranks before each layer is rounded: two processes, each on half of the
+    images, round every weight as one process does. Each rank's batches here are batches of the one-process run
+    (4 of 3 images, 2 per rank), so that the convolutions compute the same layer inputs bit for bit: batches of
+    other sizes can make the quantized network's activations differ in the last bit (convolution kernels depend on
+    the batch size), and a different input bit can move a GPTQ rounding decision, which later layers then follow.
+    Σx·xᵀ itself is summed in float64, where the order of the sum over ranks only moves the last digits."""
+    from safetensors.torch import load_file
+
+    args = ["quantize", "test_efficientnet", "--checkpoint", checkpoints["test_efficientnet"], "--bits", 4,
+            "--calib-data", samples_dir, "--method", "gptq", "--set", "quant.bias_correction=empirical",
+            "--set", "calib.num_images=12", "--set", "calib.batch_size=3", "--device", "cpu"]  # fmt: skip
+    result = runner.invoke(app, [*map(str, args), "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    torchrun(*args, "--out", tmp_path / "two")
+    one, two = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys()
+    for key in one:
+        if key.endswith(".packed") or key.endswith("zero_point"):
+            assert torch.equal(one[key], two[key]), key  # the same integer codes
+        else:
+            assert torch.allclose(one[key], two[key], rtol=1e-5, atol=1e-6), key
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["processes"] == 2 and report["rounding"]["rounding"] == "gptq"

@@ -114,32 +114,37 @@ class InputStatistics:
         step = max(1, CHUNK_ELEMENTS // self._per_image)
         pointwise = _pointwise(self.layer)
         for i in range(0, x.shape[0], step):
-            chunk = x[i : i + step].float()
+            # float64 products and sums (a float32 product is exact in float64): how the images are grouped into
+            # batches, or shared out over processes, then changes the sums only in their last digits
+            chunk = x[i : i + step].double()
             if pointwise:  # no copy: (images, groups, d, positions), products summed over the images
                 cols = chunk.reshape(chunk.shape[0], self.sum.shape[0], self.sum.shape[1], -1)
-                self.sum += cols.sum((0, 3)).double()
+                self.sum += cols.sum((0, 3))
                 self.count += cols.shape[0] * cols.shape[3]
                 if self.xxt is not None:
-                    self.xxt += torch.matmul(cols, cols.transpose(2, 3)).sum(0).double()
+                    self.xxt += torch.matmul(cols, cols.transpose(2, 3)).sum(0)
                 continue
             cols = unfold(self.layer, chunk)
-            self.sum += cols.sum(-1).double()
+            self.sum += cols.sum(-1)
             self.count += cols.shape[-1]
             if self.xxt is not None:
-                self.xxt += torch.bmm(cols, cols.transpose(1, 2)).double()
+                self.xxt += torch.bmm(cols, cols.transpose(1, 2))
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.xxt, self.sum, self.count) if t is not None]
 
+    # Both are rounded to float32 once summed: the order of the float64 sums (how images were batched, or shared out
+    # over processes) moves their last digits, which float32 rounding removes, so that it cannot move a rounding
+    # decision (GPTQ amplifies tiny differences of H where H is badly conditioned).
     @property
     def mean(self) -> torch.Tensor:
         """μ: the mean input column, (groups, d)."""
-        return self.sum / self.count.clamp(min=1)
+        return (self.sum / self.count.clamp(min=1)).float().double()
 
     @property
     def hessian(self) -> torch.Tensor:
         """H = 2·X·Xᵀ averaged over the columns (the scale does not change the solution), (groups, d, d)."""
-        return 2 * self.xxt / self.count.clamp(min=1)
+        return (2 * self.xxt / self.count.clamp(min=1)).float().double()
 
 
 def grid_quantizer(scale: torch.Tensor, zero_point: torch.Tensor, bits: int, groups: int, rows: int):
