@@ -288,3 +288,26 @@ def test_analytic_means_are_the_gaussian_moments_after_the_activation():
     for name, mu in means.items():
         assert mu.shape == weight_matrix(layers[name].layer).shape[::2] and torch.isfinite(mu).all()
         assert (mu >= 0).all()  # after a ReLU
+
+
+def test_a_layer_kind_gptq_cannot_express_is_rounded_to_nearest_and_reported_once(caplog):
+    """A convolution subclass that changes its weight in forward (weight standardisation) is not y = W·x + b."""
+    from timm.layers import StdConv2d
+
+    from ptq.quant.fold import replace_module
+
+    torch.manual_seed(0)
+    model = random_bn_stats(timm.create_model("test_resnet", num_classes=10))
+    old = model.layer1[0].conv2
+    replace_module(model, "layer1.0.conv2", StdConv2d(old.in_channels, old.out_channels, 3, padding=1, bias=False))
+    x = torch.randn(16, 3, 32, 32)
+    config = QuantConfig(w_bits=4, a_bits=8)
+    qmodel = calibrate(prepare(model.eval(), config, x[:1]), [x], config)
+    before = qmodel.get_submodule("layer1.0.conv2").weight.detach().clone()
+    with caplog.at_level(logging.WARNING):
+        summary, _ = round_layers(qmodel, [x[:8], x[8:]], Rounding.GPTQ, bias=BiasCorrection.EMPIRICAL)
+    warnings = [r for r in caplog.records if "cannot express" in r.getMessage()]
+    assert len(warnings) == 1 and "layer1.0.conv2" in warnings[0].getMessage()
+    assert summary["unsupported"] == ["layer1.0.conv2"]
+    assert "layer1.0.conv2" not in {r["name"] for r in summary["per_layer"]}
+    assert torch.equal(qmodel.get_submodule("layer1.0.conv2").weight, before)  # left to the quantizer: nearest

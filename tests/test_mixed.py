@@ -182,6 +182,21 @@ def test_bits_auto_allocates_within_budget_and_round_trips(tmp_path, checkpoint,
     stored = {name: layer.weight_quantizer.bits for name, layer in loaded.named_modules() if hasattr(layer, "layer")}
     assert {n: b for n, b in stored.items() if n in meta["mixed"]["bits"]} == meta["mixed"]["bits"]
 
+    # the same widths, rounded by GPTQ with bias correction: each layer on its own width's grid
+    gptq = tmp_path / "g"
+    result = runner.invoke(
+        app,
+        ["quantize", "test_efficientnet", "--checkpoint", str(checkpoint), "--calib-data", str(photos),
+         "--bits", "auto", "--size-budget", f"{budget}B", "--sensitivity", str(sens), "--out", str(gptq),
+         "--device", "cpu", "--set", "quant.first_last_bits=all", "--method", "gptq",
+         "--set", "quant.bias_correction=empirical"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((gptq / "report.json").read_text())
+    assert report["mixed"]["bits"] == meta["mixed"]["bits"] and report["rounding"]["rounding"] == "gptq"
+    rows = report["rounding"]["per_layer"]
+    assert sum(r["error"] for r in rows) < sum(r["rtn_error"] for r in rows)
+
 
 @pytest.mark.parametrize(
     "args, message",
