@@ -54,6 +54,15 @@ METHODS: dict[str, list[str]] = {
     "qdrop-200": ["method=qdrop", "recon.iters=200", *SHORT],
     "gptq+bc>qdrop-200": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=200", *SHORT],
     "gptq+bc>qdrop-100": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=100", *SHORT],
+    "gptq+bc+search": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=0", "recon.act_search=true"],
+    "gptq+bc+search>qdrop-100": [
+        "method=qdrop",
+        "recon.init=gptq",
+        BC,
+        "recon.iters=100",
+        "recon.act_search=true",
+        *SHORT,
+    ],
 }
 
 

@@ -284,6 +284,7 @@ class ReconConfig:
     cache: str = "auto"  # where unit inputs/targets are kept: auto (device if it fits), cpu or device
     cache_dtype: CacheDtype = CacheDtype.FLOAT32
     init: RoundingInit = RoundingInit.NEAREST
+    act_search: bool = False  # activation steps start from a search on each unit's output error
     seed: int = 0
 
     def __post_init__(self):
@@ -292,8 +293,9 @@ class ReconConfig:
             value = getattr(self, name)
             if value is None and name == "act_iters":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"recon.{name} must be an integer ≥ 1, got {value!r}")
+            least = 0 if name == "iters" else 1  # 0 iterations: the start (e.g. GPTQ's rounding) as it is
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"recon.{name} must be an integer ≥ {least}, got {value!r}")
         for name in ("lr", "act_lr", "weight_scale_lr"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):

@@ -268,3 +268,17 @@ def test_method_defaults_follow_the_papers_and_config_overrides_them():
     assert (custom.reg_weight, custom.keep_prob, custom.weight_scale_lr) == (0.05, 0.8, 1e-4)
     dw = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, groups=8), torch.nn.Conv2d(8, 4, 1))
     assert has_depthwise(dw) and not has_depthwise(torch.nn.Sequential(torch.nn.Conv2d(8, 4, 3)))
+
+
+def test_activation_step_search_never_raises_the_units_output_error(digits_model, digits):
+    from ptq.recon.engine import search_act_steps
+
+    qmodel, batches = _quantized(digits_model, digits, w_bits=4, a_bits=3)
+    unit = next(u for u in find_units(qmodel, batches[0][:1]) if u.kind is UnitKind.BLOCK)
+    data = collect(qmodel, unit, batches)
+    module = unit.module(qmodel)
+    quantizers = [m for m in module.modules() if hasattr(m, "observer") and m.enabled]
+    before = unit_error(qmodel, unit, data)
+    factors = search_act_steps(module, data, quantizers)
+    assert len(factors) == len(quantizers) and any(f != 1.0 for f in factors)
+    assert unit_error(qmodel, unit, data) <= before

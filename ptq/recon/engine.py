@@ -62,6 +62,7 @@ class Settings:
     act_iters: int = 5000  # second pass only
     act_loss_p: float = 2.4  # second pass only
     weight_scale_lr: float | None = None  # Genie-M when set
+    act_search: bool = False  # start activation steps from a search on the unit's output error
     seed: int = 0
 
 
@@ -292,7 +293,7 @@ def _rows(n: int) -> tuple[int, int]:
 
 
 def _cosine(iters: int) -> Callable[[int], float]:
-    return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, iters) / iters))
+    return lambda it: 0.5 * (1 + math.cos(math.pi * min(it, iters) / max(iters, 1)))
 
 
 def _optimise(
@@ -396,6 +397,8 @@ def reconstruct_unit(
     ]  # fmt: skip
     originals = [layer.weight_quantizer for layer in layers]
     inner = [m for m in module.modules() if isinstance(m, ActQuantizer) and m.enabled]
+    if settings.act_search and inner:
+        search_act_steps(module, data, inner)
     second_pass = settings.act_steps is ActSteps.SECOND_PASS and bool(inner)
     iters = settings.iters
 
@@ -464,6 +467,34 @@ def reconstruct_unit(
     if diverged:
         log.warning("unit %s: loss became NaN/inf; kept its last good state and went on", unit.name)
     return {"reconstruction_error": unit_error(model, unit, data), "diverged": diverged}
+
+
+SEARCH_FACTORS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.35, 1.5)
+SEARCH_ROWS = 128
+
+
+@torch.no_grad()
+def search_act_steps(module: nn.Module, data: UnitData, quantizers: list[ActQuantizer]) -> list[float]:
+    """Each activation step of the unit, in turn, scaled by the factor of `SEARCH_FACTORS` that gives the lowest
+    reconstruction loss of the unit's output (quantized weights, every quantizer on) on up to `SEARCH_ROWS` of
+    its cached images: the step that is best for the output rather than for the activation's own Lp error. Under
+    torchrun the losses are summed over ranks, so every rank picks the same factor. Returns the factors."""
+    device = next(module.parameters()).device
+    idx = torch.arange(min(len(data), SEARCH_ROWS), device=data.q_inputs.device)
+    x = data.inputs(idx, device)
+    targets = data.targets_for(idx, device)
+    chosen = []
+    for q in quantizers:
+        base = q.scale.detach().clone()
+        losses = torch.zeros(len(SEARCH_FACTORS), dtype=torch.float64)
+        for i, factor in enumerate(SEARCH_FACTORS):
+            q.scale.copy_(base * factor)
+            losses[i] = float(reconstruction_loss(module(x), *targets)) * len(idx) if len(idx) else 0.0
+        distributed.all_reduce_([losses])
+        best = SEARCH_FACTORS[int(torch.argmin(losses))]
+        q.scale.copy_(base * best)
+        chosen.append(best)
+    return chosen
 
 
 def total_iters(settings: Settings, unit: Unit, model: nn.Module) -> int:

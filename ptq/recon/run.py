@@ -69,6 +69,7 @@ def settings_for(method: Method, config: ReconConfig, depthwise: bool = False) -
         act_lr=config.act_lr or (4e-4 if act_steps is ActSteps.SECOND_PASS else 4e-5),
         act_iters=config.act_iters or max(1, config.iters // 4),
         weight_scale_lr=config.weight_scale_lr if config.learn_weight_scale else None,
+        act_search=config.act_search,
         seed=config.seed,
     )
 
