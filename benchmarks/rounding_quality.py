@@ -54,6 +54,8 @@ METHODS: dict[str, list[str]] = {
     "qdrop-200": ["method=qdrop", "recon.iters=200", *SHORT],
     "gptq+bc>qdrop-200": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=200", *SHORT],
     "gptq+bc>qdrop-100": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=100", *SHORT],
+    "gptq+bc damp 0.1": ["method=gptq", BC, "gptq.damp=0.1"],
+    "gptq+bc minmax grid": ["method=gptq", BC, "quant.w_observer=minmax"],
     "gptq+bc+search": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=0", "recon.act_search=true"],
     "gptq+bc+search>qdrop-100": [
         "method=qdrop",
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--synth-iters", type=int, default=100)
     parser.add_argument("--synth-lr", type=float, default=0.1)
+    parser.add_argument("--synth-batch", type=int, default=32)
     parser.add_argument("--settings", default="4/8,4/4")
     parser.add_argument("--methods", default="rtn,rtn+bc,gptq,gptq+bc")
     parser.add_argument("--extra", action="append", default=[], help="NAME=key=value;key=value")
@@ -154,7 +157,7 @@ def main() -> None:
         x, y = fashion_mnist.load("t10k")
     if args.calib == "synthetic":
         calib, folder = synthetic_set(
-            model, name, data_config, args.images, args.synth_iters, args.synth_lr, 32, device
+            model, name, data_config, args.images, args.synth_iters, args.synth_lr, device, args.synth_batch
         )
     elif args.calib == "photos":
         calib, folder = photos(data_config), "data/samples"

@@ -38,7 +38,12 @@ def fused(fn: F) -> F:
 
     @functools.wraps(fn)
     def call(*args):
-        if state["compiled"] is False or not compiling_allowed() or torch.compiler.is_compiling():
+        if (
+            state["compiled"] is False
+            or not compiling_allowed()
+            or torch.compiler.is_compiling()
+            or torch._C._is_torch_function_mode_enabled()  # e.g. a probe that watches every torch call: no graph
+        ):
             return fn(*args)
         if state["compiled"] is None:
             # inductor's C++ toolchain set-up warns that no CUDA runtime exists on CPU-only machines: not our concern

@@ -41,6 +41,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+DEFAULT_RECIPE = "fast"  # what `ptq quantize` uses without --recipe
 USER_ERRORS = (
     DistributedError,
     ConfigError,
@@ -238,7 +239,9 @@ def quantize(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Local weights (.safetensors or .pth) instead of timm's pretrained ones.")
     ] = None,
-    recipe: Annotated[str, typer.Option(help=f"Recipe name ({', '.join(recipe_names())}) or YAML file.")] = "rtn",
+    recipe: Annotated[
+        str, typer.Option(help=f"Recipe name ({', '.join(recipe_names())}) or YAML file; fast: GPTQ, then short QDrop.")
+    ] = DEFAULT_RECIPE,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a recipe value, e.g. --set quant.a_observer=minmax.")
     ] = None,

@@ -28,7 +28,10 @@ def few_photos(tmp_path_factory, samples_dir):
 
 
 def _quantize(*args):
-    return runner.invoke(app, ["quantize", *map(str, args)])
+    """`ptq quantize ARGS`, with the round-to-nearest recipe unless ARGS name one: these tests are about the command,
+    and the default recipe's GPTQ and reconstruction take longer (test_the_default_recipe covers it)."""
+    recipe = [] if "--recipe" in args else ["--recipe", "rtn"]
+    return runner.invoke(app, ["quantize", *map(str, args), *recipe])
 
 
 def test_quantize_writes_a_complete_output_folder(tmp_path, checkpoint, few_photos):
@@ -296,3 +299,20 @@ def test_reconstruction_can_start_from_gptq(tmp_path, checkpoint, few_photos):
     report = json.loads((out / "report.json").read_text())
     assert report["rounding"]["rounding"] == "gptq" and report["reconstruction"]["init"] == "gptq"
     assert "round" in report["timings_s"] and "reconstruct" in report["timings_s"]
+
+
+def test_the_default_recipe_is_gptq_with_bias_correction_then_a_short_warm_started_qdrop(
+    tmp_path, checkpoint, few_photos
+):
+    out = tmp_path / "q"
+    result = runner.invoke(
+        app,
+        ["quantize", "test_resnet", "--checkpoint", str(checkpoint), "--bits", "4", "--calib-data", str(few_photos),
+         "--out", str(out), "--set", "recon.iters=3", "--device", "cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "qdrop" and report["reconstruction"]["init"] == "gptq"
+    assert report["rounding"]["rounding"] == "gptq" and report["rounding"]["bias_correction"] == "empirical"
+    recipe = (out / "recipe.yaml").read_text()
+    assert "act_search: true" in recipe and "init: gptq" in recipe

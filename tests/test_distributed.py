@@ -81,7 +81,16 @@ def test_distributed_evaluation_equals_one_process(tmp_path, checkpoints, labell
     quantized = []
     for bits in (4, 8):
         out = tmp_path / f"q{bits}"
-        args = ["quantize", "test_resnet", "--checkpoint", checkpoints["test_resnet"], "--bits", bits]
+        args = [
+            "quantize",
+            "--recipe",
+            "rtn",
+            "test_resnet",
+            "--checkpoint",
+            checkpoints["test_resnet"],
+            "--bits",
+            bits,
+        ]
         result = runner.invoke(app, [*map(str, args), "--calib-data", str(labelled_photos), "--out", str(out)])
         assert result.exit_code == 0, result.output
         quantized.append(str(out))
@@ -124,7 +133,7 @@ def test_distributed_synthesis_makes_the_same_set_and_resumes_with_any_number_of
 def test_data_parallel_reconstruction_matches_one_process_and_resumes_its_units(
     tmp_path, checkpoints, samples_dir, one_thread, monkeypatch
 ):
-    args = ["quantize", "test_resnet", "--checkpoint", checkpoints["test_resnet"], "--bits", 4]
+    args = ["quantize", "--recipe", "rtn", "test_resnet", "--checkpoint", checkpoints["test_resnet"], "--bits", 4]
     args += ["--calib-data", samples_dir, "--eval-data", samples_dir, "--method", "qdrop", "--device", "cpu"]
     args += ["--set", "recon.keep_prob=1.0", "--set", "calib.num_images=12", "--set", "recon.iters=30"]
     args += ["--set", "recon.batch_size=4"]  # no random drops: the same steps exactly, up to float sums
@@ -221,7 +230,8 @@ def test_gptq_with_bias_correction_gives_the_same_model_on_two_processes(
     Σx·xᵀ itself is summed in float64, where the order of the sum over ranks only moves the last digits."""
     from safetensors.torch import load_file
 
-    args = ["quantize", "test_efficientnet", "--checkpoint", checkpoints["test_efficientnet"], "--bits", 4,
+    args = ["quantize", "--recipe", "rtn",
+            "test_efficientnet", "--checkpoint", checkpoints["test_efficientnet"], "--bits", 4,
             "--calib-data", samples_dir, "--method", "gptq", "--set", "quant.bias_correction=empirical",
             "--set", "calib.num_images=12", "--set", "calib.batch_size=3", "--device", "cpu"]  # fmt: skip
     result = runner.invoke(app, [*map(str, args), "--out", str(tmp_path / "one")])

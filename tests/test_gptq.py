@@ -271,7 +271,7 @@ def test_warm_started_reconstruction_with_zero_iterations_is_the_gptq_model():
     assert any(not torch.equal(cold.get_submodule(n).weight, w) for n, (w, _) in gptq.items())
 
 
-def test_analytic_means_are_the_gaussian_moments_after_the_activation():
+def test_analytic_means_are_the_gaussian_moments_after_the_activation(caplog):
     from ptq.recon.analytic import analytic_input_means, gaussian_mean
 
     mean, std = torch.tensor([-1.0, 0.0, 0.5, 3.0]), torch.tensor([0.5, 1.0, 2.0, 1.5])
@@ -281,7 +281,11 @@ def test_analytic_means_are_the_gaussian_moments_after_the_activation():
     assert torch.allclose(gaussian_mean(nn.ReLU(), mean, std).float(), relu, atol=1e-5)
     # a ResNet: the second conv of a block reads ReLU(BN(first conv)), the first conv a residual sum (no mean)
     model, qmodel, batches = _tiny("test_resnet", w_bits=8)
-    means = analytic_input_means(qmodel, model, batches[0][:1])
+    with caplog.at_level(logging.WARNING):
+        means = analytic_input_means(qmodel, model, batches[0][:1])
+        with torch.no_grad():
+            qmodel(batches[0])  # compiled kernels still compile after the probe's torch-function mode
+    assert "could not compile" not in caplog.text
     layers = quant_layers(qmodel)
     assert {n for n in layers if n.endswith(".conv2")} <= set(means)
     assert not {n for n in layers if n.endswith(".conv1") and not n.startswith("layer1.0")} & set(means)

@@ -167,7 +167,8 @@ def test_bits_auto_allocates_within_budget_and_round_trips(tmp_path, checkpoint,
     out = tmp_path / "q"
     result = runner.invoke(
         app,
-        ["quantize", "test_efficientnet", "--checkpoint", str(checkpoint), "--calib-data", str(photos),
+        ["quantize", "--recipe", "rtn",
+         "test_efficientnet", "--checkpoint", str(checkpoint), "--calib-data", str(photos),
          "--bits", "auto", "--size-budget", f"{budget}B", "--sensitivity", str(sens), "--out", str(out),
          "--device", "cpu", "--set", "quant.first_last_bits=all"],
     )  # fmt: skip
@@ -186,7 +187,8 @@ def test_bits_auto_allocates_within_budget_and_round_trips(tmp_path, checkpoint,
     gptq = tmp_path / "g"
     result = runner.invoke(
         app,
-        ["quantize", "test_efficientnet", "--checkpoint", str(checkpoint), "--calib-data", str(photos),
+        ["quantize", "--recipe", "rtn",
+         "test_efficientnet", "--checkpoint", str(checkpoint), "--calib-data", str(photos),
          "--bits", "auto", "--size-budget", f"{budget}B", "--sensitivity", str(sens), "--out", str(gptq),
          "--device", "cpu", "--set", "quant.first_last_bits=all", "--method", "gptq",
          "--set", "quant.bias_correction=empirical"],
@@ -213,7 +215,8 @@ def test_bits_auto_bad_input_fails_before_writing(tmp_path, checkpoint, photos, 
     out = tmp_path / "out"
     result = runner.invoke(
         app,
-        ["quantize", "test_efficientnet", "--checkpoint", str(checkpoint), "--calib-data", str(photos),
+        ["quantize", "--recipe", "rtn",
+         "test_efficientnet", "--checkpoint", str(checkpoint), "--calib-data", str(photos),
          "--out", str(out), "--device", "cpu", *args],
     )  # fmt: skip
     assert result.exit_code != 0

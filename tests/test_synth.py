@@ -210,6 +210,8 @@ def test_cli_synthesize_then_quantize_zero_shot(tmp_path, samples_dir):
         app,
         [
             "quantize",
+            "--recipe",
+            "rtn",
             "test_efficientnet",
             "--checkpoint",
             str(ckpt),
@@ -351,7 +353,8 @@ def test_cached_synthetic_set_serves_the_requested_number_of_images(tmp_path, sa
         out = tmp_path / f"q{n}"
         result = runner.invoke(
             app,
-            ["quantize", "test_efficientnet", "--checkpoint", str(ckpt), "--bits", "8", "--zero-shot",
+            ["quantize", "--recipe", "rtn",
+             "test_efficientnet", "--checkpoint", str(ckpt), "--bits", "8", "--zero-shot",
              "--synth-method", "bns", "--num-images", str(n), "--set", "synth.iters=2", "--set", "synth.batch_size=4",
              "--out", str(out), "--device", "cpu", "--overwrite"],
         )  # fmt: skip
@@ -457,7 +460,8 @@ def test_two_checkpoints_of_one_architecture_get_two_synthetic_sets(tmp_path, sa
     def calibration(path, out):
         result = runner.invoke(
             app,
-            ["quantize", "test_efficientnet", "--checkpoint", str(path), "--bits", "8", "--zero-shot",
+            ["quantize", "--recipe", "rtn",
+             "test_efficientnet", "--checkpoint", str(path), "--bits", "8", "--zero-shot",
              "--synth-method", "bns", "--num-images", "4", "--set", "synth.iters=2", "--set", "synth.batch_size=4",
              "--out", str(tmp_path / out), "--device", "cpu"],
         )  # fmt: skip
@@ -470,7 +474,8 @@ def test_two_checkpoints_of_one_architecture_get_two_synthetic_sets(tmp_path, sa
     assert calibration(paths[0], "c")["folder"] == first["folder"]  # the first model's set is still reused
     result = runner.invoke(
         app,
-        ["quantize", "test_efficientnet", "--checkpoint", str(paths[1]), "--bits", "8", "--zero-shot",
+        ["quantize", "--recipe", "rtn",
+         "test_efficientnet", "--checkpoint", str(paths[1]), "--bits", "8", "--zero-shot",
          "--synth-data", first["folder"], "--out", str(tmp_path / "d"), "--device", "cpu"],
     )  # fmt: skip
     assert result.exit_code != 0 and "other weights" in result.output and not (tmp_path / "d").exists()

@@ -68,6 +68,16 @@ class _WritesOutside(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _unwrapped_name(qmodel: nn.Module, name: str) -> str:
+    """The name a module of a prepared model had before `prepare` wrapped blocks in `OutputQuant` (".module")."""
+    parts, kept = name.split("."), []
+    for i, part in enumerate(parts):
+        if part == "module" and isinstance(qmodel.get_submodule(".".join(parts[:i])), OutputQuant):
+            continue
+        kept.append(part)
+    return ".".join(kept)
+
+
 def analytic_input_means(qmodel: nn.Module, fp_model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per quantized layer of `qmodel` (made by `prepare` from `fp_model`), the mean of its unfolded input columns,
     (groups, d), where the BatchNorm statistics of `fp_model` determine it; see the module docstring."""
@@ -76,7 +86,7 @@ def analytic_input_means(qmodel: nn.Module, fp_model: nn.Module, example: torch.
     layers = quant_layers(qmodel)
     moments = {}  # layer → (β, |γ|) of the BatchNorm folded into it
     for name in layers:
-        bn_name = folded.get(name)
+        bn_name = folded.get(_unwrapped_name(qmodel, name))
         if bn_name is not None:
             bn = bns[bn_name]
             weight = bn.weight if getattr(bn, "weight", None) is not None else torch.ones_like(bn.running_mean)
@@ -86,7 +96,14 @@ def analytic_input_means(qmodel: nn.Module, fp_model: nn.Module, example: torch.
     tracked: dict[int, tuple[str, list]] = {}
     inputs: dict[str, tuple[str, list] | None] = {}
     shapes: dict[str, torch.Tensor] = {}
-    inside_wrapper = {id(c) for m in qmodel.modules() if isinstance(m, OutputQuant) for c in m.modules() if c is not m}
+    # an output-quantized nonlinearity is followed as one function (its quantizer may do the clamp itself)
+    inside_wrapper = {
+        id(c)
+        for m in qmodel.modules()
+        if isinstance(m, OutputQuant) and _elementwise(m.module) is not None
+        for c in m.modules()
+        if c is not m
+    }
     watched = [(n, m) for n, m in qmodel.named_modules() if n and id(m) not in inside_wrapper
                and (n in layers or _elementwise(m) is not None or isinstance(m, MEAN_PRESERVING))]  # fmt: skip
     writes = _WritesOutside(tracked)
