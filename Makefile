@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ptq quantize tf_efficientnet_lite0 --bits 4 --zero-shot --recipe fast \
+	$(BIN)/ptq quantize tf_efficientnet_lite0 --bits 4 --zero-shot \
 		--eval-data data/samples --out runs/demo-lite0-w4a4-zero-shot --overwrite
 
 test: $(STAMP)

@@ -38,7 +38,7 @@ step 200 "$PY" benchmarks/synth_quality.py lite0 --methods genie --iters-scale "
   --out "$RESULTS/synth_quality_lite0_genie_cuda.json"
 # 4. GPTQ + bias correction on lite0, zero-shot: 256 IntraQ images at 500 iterations (synthesis time in the set)
 step 200 "$PY" benchmarks/rounding_quality.py lite0 --device "$DEV" --images "$(q 256 4)" --synth-iters "$(q 500 2)" \
-  --settings 4/8,4/4 --methods rtn,gptq+bc --out "$RESULTS/rounding_quality_lite0_intraq256-it500_cuda.json"
+  --settings 4/8,4/4 --methods rtn,gptq+bc,gptq+abc --out "$RESULTS/rounding_quality_lite0_intraq256-it500_cuda.json"
 # 5. QDrop's wall time per iteration on lite0 W4A4 (500 iterations per unit, a 40th of the published recipe),
 #    started from GPTQ and from round-to-nearest, on the set of step 4
 step 240 "$PY" benchmarks/rounding_quality.py lite0 --device "$DEV" --images "$(q 256 4)" --synth-iters "$(q 500 2)" \

@@ -11,10 +11,12 @@ once and the function runs op by op from then on, with the same results up to fl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -28,8 +30,22 @@ RECOMPILE_LIMIT = 64
 OPTIONS = {"cpp.dynamic_threads": True}
 
 
+_eager = threading.local()
+
+
 def compiling_allowed() -> bool:
-    return os.environ.get("PTQ_COMPILE", "1") != "0"
+    return os.environ.get("PTQ_COMPILE", "1") != "0" and not getattr(_eager, "depth", 0)
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Fused functions run op by op inside this block: for probes that watch every torch call of a forward pass (a
+    compiled graph would hide them), without turning compilation off for anyone else."""
+    _eager.depth = getattr(_eager, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _eager.depth -= 1
 
 
 def fused(fn: F) -> F:
@@ -38,12 +54,7 @@ def fused(fn: F) -> F:
 
     @functools.wraps(fn)
     def call(*args):
-        if (
-            state["compiled"] is False
-            or not compiling_allowed()
-            or torch.compiler.is_compiling()
-            or torch._C._is_torch_function_mode_enabled()  # e.g. a probe that watches every torch call: no graph
-        ):
+        if state["compiled"] is False or not compiling_allowed() or torch.compiler.is_compiling():
             return fn(*args)
         if state["compiled"] is None:
             # inductor's C++ toolchain set-up warns that no CUDA runtime exists on CPU-only machines: not our concern

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 
 class BitConvention(str, Enum):
-    """Which layers keep 8 bits at low precision (ALGORITHMS.md §0)."""
+    """Which layers keep 8 bits at low precision (README: What "W4A4" means here)."""
 
     ALL = "all"  # every conv/linear at the low width (the input image is never quantized)
     BRECQ = "brecq"  # first conv W8 and its output A8; last linear W8
@@ -49,7 +49,7 @@ class WeightGranularity(str, Enum):
 
 
 class Method(str, Enum):
-    """How weights are rounded after calibration (ALGORITHMS.md §2)."""
+    """How weights are rounded after calibration."""
 
     RTN = "rtn"  # round to nearest
     ADAROUND = "adaround"  # learned rounding, layer by layer
@@ -71,7 +71,7 @@ class BiasCorrection(str, Enum):
 
 
 class SynthMethod(str, Enum):
-    """Zero-shot data synthesis methods (ALGORITHMS.md §1)."""
+    """Zero-shot data synthesis methods."""
 
     BNS = "bns"  # BN-statistic matching (ZeroQ / GDFQ)
     INTRAQ = "intraq"  # BNS + soft inception loss + marginal distance constraint + local object reinforcement
@@ -248,7 +248,7 @@ class RoundingInit(str, Enum):
 
 
 class ActSteps(str, Enum):
-    """How activation step sizes are treated during reconstruction (ALGORITHMS.md §2)."""
+    """How activation step sizes are treated during reconstruction."""
 
     FIXED = "fixed"  # kept from calibration (AdaRound)
     JOINT = "joint"  # learned with the rounding (QDrop: LSQ, Adam lr 4e-5, cosine)
@@ -357,7 +357,7 @@ def parse_count(value: Any, key: str = "BOPs budget") -> int | None:
 
 @dataclass
 class MixedConfig:
-    """Mixed-precision weights chosen under a budget (ALGORITHMS.md §4; `--bits auto`).
+    """Mixed-precision weights chosen under a budget (HAWQ-v2 / LCPAQ; `--bits auto`).
 
     Sensitivity of layer i at b bits: Ω_i(b) = (Tr H_i / n_i)·||Q_b(W_i) − W_i||², the Hessian trace estimated with
     `probes` random draws per batch over the first `images` calibration images (`trace`: fisher, or hutchinson with
@@ -454,6 +454,9 @@ def coerce_value(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
         return build_config(tp, value, key + ".")
     if isinstance(tp, type) and issubclass(tp, Enum):
+        if isinstance(value, bool):  # YAML reads an unquoted off/on/no/yes as a boolean
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in {m.value for m in tp}), value)
         try:
             return tp(value)
         except ValueError:

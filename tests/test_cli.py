@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import random_checkpoint
 from typer.testing import CliRunner
 
@@ -301,18 +302,18 @@ def test_reconstruction_can_start_from_gptq(tmp_path, checkpoint, few_photos):
     assert "round" in report["timings_s"] and "reconstruct" in report["timings_s"]
 
 
-def test_the_default_recipe_is_gptq_with_bias_correction_then_a_short_warm_started_qdrop(
+def test_the_default_recipe_is_gptq_with_bias_correction_on_a_synthetic_set_a_cpu_makes_in_minutes(
     tmp_path, checkpoint, few_photos
 ):
     out = tmp_path / "q"
     result = runner.invoke(
         app,
         ["quantize", "test_resnet", "--checkpoint", str(checkpoint), "--bits", "4", "--calib-data", str(few_photos),
-         "--out", str(out), "--set", "recon.iters=3", "--device", "cpu"],
+         "--out", str(out), "--device", "cpu"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "qdrop" and report["reconstruction"]["init"] == "gptq"
+    assert report["method"] == "gptq" and report.get("reconstruction") is None
     assert report["rounding"]["rounding"] == "gptq" and report["rounding"]["bias_correction"] == "empirical"
-    recipe = (out / "recipe.yaml").read_text()
-    assert "act_search: true" in recipe and "init: gptq" in recipe
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["synth"]["num_images"] * recipe["synth"]["iters"] <= 64 * 100

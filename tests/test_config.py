@@ -1,6 +1,15 @@
 import pytest
 
-from ptq.config import BitConvention, ConfigError, QuantConfig, Recipe, dump_recipe, load_recipe, recipe_names
+from ptq.config import (
+    BiasCorrection,
+    BitConvention,
+    ConfigError,
+    QuantConfig,
+    Recipe,
+    dump_recipe,
+    load_recipe,
+    recipe_names,
+)
 
 
 def test_shipped_recipe_loads_and_round_trips(tmp_path):
@@ -26,6 +35,15 @@ def test_overrides_are_typed_and_validated():
         load_recipe("rtn", ["quant.w_bits"])
     with pytest.raises(ConfigError, match="must be true or false"):
         load_recipe("rtn", ["quant.fold_bn=maybe"])
+
+
+def test_an_unquoted_off_is_the_choice_off_not_a_boolean(tmp_path):
+    assert load_recipe("fast", ["quant.bias_correction=off"]).quant.bias_correction is BiasCorrection.OFF
+    path = tmp_path / "r.yaml"
+    path.write_text("type: ptq.Recipe\nversion: 1\nquant:\n  bias_correction: off\n")
+    assert load_recipe(str(path)).quant.bias_correction is BiasCorrection.OFF
+    with pytest.raises(ConfigError, match="must be one of: all, brecq, qdrop"):
+        load_recipe("rtn", ["quant.first_last_bits=off"])
 
 
 def test_unknown_recipe_lists_the_shipped_ones():

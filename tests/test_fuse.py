@@ -39,6 +39,33 @@ def test_compiling_can_be_turned_off(monkeypatch):
     assert torch.equal(_fuse.fused(_chain)(x, s), _chain(x, s))
 
 
+def test_probes_run_fused_functions_eagerly_and_synthesis_keeps_its_compiled_kernels(monkeypatch):
+    """Synthesis routes BatchNorm through a torch-function mode and must keep its compiled kernels; a probe that
+    watches every call asks for eager ones with `_fuse.eager()`."""
+    from ptq.synth.stats import BNStatistics, _BatchNormCalls
+
+    compiled = []
+
+    def recording_compile(fn, **kw):
+        def run(*args):
+            compiled.append(1)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    fn = _fuse.fused(_chain)
+    x, s = torch.randn(100), torch.tensor(0.1)
+    with _BatchNormCalls(BNStatistics(torch.nn.Sequential())):
+        fn(x, s)
+    assert len(compiled) == 1
+    with _fuse.eager():
+        fn(x, s)
+    assert len(compiled) == 1
+    fn(x, s)
+    assert len(compiled) == 2
+
+
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("learn", [False, True])
 @pytest.mark.parametrize("clip", [False, True])

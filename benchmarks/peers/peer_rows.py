@@ -80,8 +80,8 @@ def _mct_tpc(w_bits: int, a_bits: int):
     linear, _, default = imx500.get_op_quantization_configs()
     linear = linear.clone_and_edit(attr_to_edit={KERNEL_ATTR: {WEIGHTS_N_BITS: w_bits}})
     if a_bits != 8:
-        linear = linear.clone_and_edit(activation_n_bits=a_bits, supported_input_activation_n_bits=a_bits)
-        default = default.clone_and_edit(activation_n_bits=a_bits, supported_input_activation_n_bits=a_bits)
+        linear = linear.clone_and_edit(activation_n_bits=a_bits, supported_input_activation_n_bits=(a_bits,))
+        default = default.clone_and_edit(activation_n_bits=a_bits, supported_input_activation_n_bits=(a_bits,))
     return imx500.generate_tpc(default_config=default, base_config=linear, mixed_precision_cfg_list=[linear],
                                name=f"w{w_bits}a{a_bits}")  # fmt: skip
 
@@ -93,10 +93,13 @@ def mct_ptq(model, calib, bundle, w_bits, a_bits, images=None):
     return mct.ptq.pytorch_post_training_quantization(model, batches(calib), target_platform_capabilities=tpc)[0]
 
 
-def mct_gptq(model, calib, bundle, w_bits, a_bits, epochs):
+def mct_gptq(model, calib, bundle, w_bits, a_bits, epochs, hessian=True):
     import model_compression_toolkit as mct
 
-    config = mct.gptq.get_pytorch_gptq_config(n_epochs=epochs)
+    # MCT's Hessian-based loss weights take ~35 minutes of 2-core CPU on lite0 before any training: optional here
+    config = mct.gptq.get_pytorch_gptq_config(
+        n_epochs=epochs, use_hessian_based_weights=hessian, use_hessian_sample_attention=hessian
+    )
     return mct.gptq.pytorch_gradient_post_training_quantization(
         model, batches(calib), gptq_config=config, target_platform_capabilities=_mct_tpc(w_bits, a_bits)
     )[0]
@@ -176,7 +179,7 @@ def main() -> None:
     bundle = torch.load(args.bundle, weights_only=False)
     kind, _, spec = args.row.partition(":")
     params = dict(p.split("=") for p in spec.split(",") if p)
-    num = {k: int(v) for k, v in params.items()}
+    num = {k: int(v) for k, v in params.items() if v.isdigit()}
     calib = bundle["synthetic"] if params.get("calib") == "synthetic" else bundle["calib"]
     model = load(bundle)
     example = bundle["eval"][:1]
@@ -187,7 +190,7 @@ def main() -> None:
     if kind == "mct-ptq":
         quantized = mct_ptq(model, calib, bundle, num["w"], num["a"])
     elif kind == "mct-gptq":
-        quantized = mct_gptq(model, calib, bundle, num["w"], num["a"], num["epochs"])
+        quantized = mct_gptq(model, calib, bundle, num["w"], num["a"], num["epochs"], bool(num.get("hessian", 1)))
     elif kind == "mct-mixed":
         quantized = mct_mixed(model, calib, bundle, num["bytes"])
     elif kind == "mct-zero-shot":

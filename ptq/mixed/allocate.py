@@ -1,4 +1,4 @@
-"""Bits per layer by exact integer linear programming (LCPAQ / HAWQ-v2; ALGORITHMS.md §4), solved by scipy's `milp`.
+"""Bits per layer by exact integer linear programming (LCPAQ / HAWQ-v2), solved by scipy's `milp`.
 
 With x_{i,b} ∈ {0, 1} meaning "layer i gets b bits":
 

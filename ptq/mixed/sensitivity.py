@@ -1,4 +1,4 @@
-"""Per-layer sensitivity to weight quantization (HAWQ-v2, arXiv 1911.03852; LCPAQ, ALGORITHMS.md §4).
+"""Per-layer sensitivity to weight quantization (HAWQ-v2, arXiv 1911.03852; LCPAQ).
 
     Ω_i(b) = (Tr H_i / n_i) · ||Q_b(W_i) − W_i||²
 

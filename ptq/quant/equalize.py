@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ptq._fuse import eager
 from ptq.quant._probe import example_input, hooked
 from ptq.quant.fold import replace_module
 
@@ -106,7 +107,7 @@ def find_pairs(model: nn.Module, example: torch.Tensor | None = None) -> list[Pa
             clamp = [name] if _clamp_bounds(module) is not None or isinstance(module, ChannelClamp) else []
             made_by[id(y)] = (first, clamps + clamp, [*chain, (id(x), name)])
 
-    with torch.no_grad(), hooked(leaves, pre=pre, post=post), uses:
+    with torch.no_grad(), hooked(leaves, pre=pre, post=post), uses, eager():
         model(example if example is not None else example_input(model))
     pairs = []
     for pair, chain in found:

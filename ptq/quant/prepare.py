@@ -4,8 +4,8 @@ Steps (each explicit; nothing is initialised lazily in `forward`):
 1. BatchNorm folded into its conv where legal (`ptq.quant.fold`); optionally cross-layer equalization of the folded
    weights (`ptq.quant.equalize`).
 2. Every conv/linear becomes a `QuantLayer` (per-output-channel weight quantizer).
-3. Activation quantizers on outputs (ALGORITHMS.md §0): after every nonlinearity (not the sigmoid/tanh gates of
-   attention modules) and after the multiply of squeeze-excite modules.
+3. Activation quantizers on outputs (README: What "W4A4" means here): after every nonlinearity (not the
+   sigmoid/tanh gates of attention modules) and after the multiply of squeeze-excite modules.
 4. A one-example probe follows tensor identities through the network. timm's efficientnet-family blocks (they carry
    `has_skip`) whose output is not already quantized — the residual add, or a linear bottleneck — get an output
    quantizer; ResNet/RegNet blocks end with an activation after the add and need none. Then any layer (except the

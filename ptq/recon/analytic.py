@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ptq._fuse import eager
 from ptq.quant._probe import hooked
 from ptq.quant.fold import find_foldable, is_batchnorm
 from ptq.quant.modules import ActQuantizer, OutputQuant, quant_layers
@@ -129,7 +130,7 @@ def analytic_input_means(qmodel: nn.Module, fp_model: nn.Module, example: torch.
         elif isinstance(module, MEAN_PRESERVING):
             tracked[id(y)] = source
 
-    with torch.no_grad(), hooked(watched, pre=pre, post=post), writes:
+    with torch.no_grad(), hooked(watched, pre=pre, post=post), writes, eager():
         qmodel(example)
     means = {}
     for name, source in inputs.items():

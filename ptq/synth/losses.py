@@ -1,4 +1,4 @@
-"""Synthesis losses as small composable functions (ALGORITHMS.md §1). A method preset weights and sums them.
+"""Synthesis losses as small composable functions. A method preset weights and sums them.
 
 - BNS (ZeroQ / GDFQ): L = (1/L) Σ_l [ MSE(μ̂_l, μ_l) + MSE(σ̂²_l, σ²_l) ], optionally on σ = √(σ² + 1e-6).
 - Input statistics: each image's per-channel mean/std pulled towards 0/1 (the normalised input space).
