@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[lite,dev]'
+	$(BIN)/pip install -q -e '.[lite,onnx,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -112,6 +112,9 @@ class QuantConfig:
     fold_bn: bool = True
     equalize: bool = False  # cross-layer equalization of conv → ReLU/ReLU6 → conv pairs after folding
     bias_correction: BiasCorrection = BiasCorrection.OFF
+    # quantize every conv/linear output (not only after activations and residual adds), as int8 runtimes compute:
+    # an ONNX export then runs every conv in integer kernels (`ptq quantize --export onnx` turns it on)
+    quantize_layer_outputs: bool = False
 
     def __post_init__(self):
         coerce_enums(self)

@@ -113,6 +113,23 @@ def _row(spec: str, kind: str) -> dict[str, Any]:
     return {f: None for f in FIELDS} | {"model": spec, "kind": kind}
 
 
+def _onnx_model(spec: str, device) -> tuple[Any, dict[str, Any], nn.Module | None, str | None]:
+    """An exported `.onnx` file run by onnxruntime, its data config and FP parent (from the file's metadata)."""
+    from ptq.export.onnx import ExportError, OnnxModel
+
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"{spec} does not exist; pass a file written by `ptq export`")
+    model = OnnxModel(spec)
+    if not model.meta:
+        raise ExportError(f"{spec} carries no ptq metadata (data config, FP model); export it with `ptq export`")
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in model.meta["data_config"].items()}
+    try:
+        fp_model, _ = load_model(model.meta["model"], checkpoint=model.meta.get("checkpoint"), device=device)
+        return model, data_config, fp_model, None
+    except ModelLoadError as e:
+        return model, data_config, None, f"FP parent unavailable, no agreement/KL/SQNR: {e}"
+
+
 def evaluate_one(
     spec: str,
     data: str | Path,
@@ -125,11 +142,14 @@ def evaluate_one(
     """One result row. With `shard_data` (under torchrun) every rank evaluates its share of the batches and every
     rank must call this for the same `spec`: the ranks' results meet once, whether or not they failed."""
     quantized = (Path(spec) / CONFIG_FILE).is_file()
-    row = _row(spec, "quantized" if quantized else "fp")
+    onnx_file = Path(spec).suffix == ".onnx"
+    row = _row(spec, "onnx" if onnx_file else "quantized" if quantized else "fp")
     start = time.perf_counter()
     parts, error = [], None
     try:
-        if quantized:
+        if onnx_file:
+            model, data_config, fp_model, row["error"] = _onnx_model(spec, device)
+        elif quantized:
             meta = read_quant_config(spec)
             model, data_config = load_quantized(spec, device), data_config_from(meta)
             try:

@@ -12,7 +12,9 @@ Steps (each explicit; nothing is initialised lazily in `forward`):
    first, which sees the image) whose input is still not the output of an activation quantizer — after pooling, after
    a BatchNorm that could not be folded, in an unknown block — gets an input quantizer, so every matmul input is
    quantized whatever the architecture. Grid-preserving modules (identity, dropout, max-pool, flatten, ReLU) pass
-   "already quantized" through.
+   "already quantized" through. With `quantize_layer_outputs` (for integer runtimes: every conv then reads and
+   writes integers), every layer but the last whose output is still not quantized — the last conv of a residual
+   branch, a downsampling shortcut — gets an output quantizer too.
 5. The first/last-layer bit convention is applied, and the quantizers are switched per the config.
 The network output is never quantized. Weight and activation quantizers are uncalibrated until `calibrate` runs.
 """
@@ -29,7 +31,15 @@ from ptq.config import HIGH_BITS, BitConvention, QuantConfig, WeightGranularity
 from ptq.quant._probe import example_input, hooked
 from ptq.quant.equalize import ChannelClamp, equalize
 from ptq.quant.fold import fold_batchnorm, replace_module
-from ptq.quant.modules import ActQuantizer, OutputQuant, QuantLayer, act_quantizers, quant_layers, set_quant_state
+from ptq.quant.modules import (
+    ActQuantizer,
+    OutputQuant,
+    QuantLayer,
+    act_quantizers,
+    clamp_range,
+    quant_layers,
+    set_quant_state,
+)
 
 
 def timm_classes(module: str, names: tuple[str, ...]) -> tuple[type, ...]:
@@ -145,6 +155,45 @@ def _probe(model: nn.Module, example: torch.Tensor, blocks: frozenset[str] = fro
     return placement
 
 
+def output_quantizers(model: nn.Module, example: torch.Tensor) -> dict[str, str | None]:
+    """For every layer, the activation quantizer its output reaches directly or through a clamp (ReLU, ReLU6) or
+    a grid-preserving module, or None: e.g. the last conv of a residual branch, whose output meets the add. A tensor
+    changed in place on the way (timm's `x += shortcut`) no longer counts as the layer's output: tensors are
+    followed by identity and version counter."""
+    layers = quant_layers(model)
+    pending: dict[int, tuple[str, int]] = {}  # tensor id → (layer whose unquantized output it is, tensor version)
+    found: dict[str, str | None] = {}
+    watched = [
+        (n, m)
+        for n, m in model.named_modules()
+        if n in layers or isinstance(m, (ActQuantizer, *GRID_PRESERVING)) or clamp_range(m) is not None
+    ]
+    clean: dict[int, str] = {}  # tensor id → layer, for inputs of passing modules that arrived unchanged
+
+    def carried(x: torch.Tensor) -> str | None:
+        entry = pending.get(id(x))
+        return entry[0] if entry is not None and entry[1] == x._version else None
+
+    def pre(name, module, x):
+        layer = carried(x)
+        if isinstance(module, ActQuantizer):
+            if layer is not None and found.get(layer) is None:
+                found[layer] = name  # the first quantizer to read it
+        elif name not in layers and layer is not None:
+            clean[id(x)] = layer
+
+    def post(name, module, x, y):
+        if name in layers:
+            pending[id(y)] = (name, y._version)
+            found.setdefault(name, None)
+        elif not isinstance(module, ActQuantizer) and id(x) in clean:
+            pending[id(y)] = (clean.pop(id(x)), y._version)  # a clamp in place bumps the version: re-recorded
+
+    with torch.no_grad(), hooked(watched, pre=pre, post=post):
+        model(example)
+    return found
+
+
 def _apply_bit_convention(model: nn.Module, placement: Placement, convention: BitConvention) -> None:
     if convention is BitConvention.ALL:
         return
@@ -183,6 +232,11 @@ def prepare(model: nn.Module, config: QuantConfig, example: torch.Tensor | None 
     blocks = frozenset(n for n, m in model.named_modules() if n and getattr(m, "has_skip", None) is not None)
     _wrap_outputs(model, _probe(model, example, blocks).unquantized_blocks, config.a_bits)
     placement = _probe(model, example)
+    if config.quantize_layer_outputs:
+        reached = output_quantizers(model, example)
+        bare = [n for n, q in reached.items() if q is None and n != placement.last_layer]
+        _wrap_outputs(model, bare, config.a_bits)
+        placement = _probe(model, example)
     for name, layer in quant_layers(model).items():
         if name not in placement.first_layers and placement.input_producer.get(name) is None:
             layer.input_quantizer = ActQuantizer(config.a_bits)
