@@ -140,3 +140,21 @@ def test_quant_layer_runs_the_layers_forward_with_the_quantized_weight(layer):
     expected = torch.func.functional_call(layer, {"weight": quantizer(layer.weight)}, (x,))
     assert torch.equal(wrapped(x), expected)
     assert not torch.equal(wrapped(x), layer(x))
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
+def test_quantize_layer_outputs_gives_every_layer_but_the_last_an_output_quantizer(name):
+    """Residual branches end in a conv whose output timm adds in place (`x += shortcut`): followed by identity alone
+    it would look quantized by the quantizer after the add. With `quantize_layer_outputs` every layer's output is
+    read by a quantizer; without it those branch ends are not."""
+    from ptq.quant.prepare import output_quantizers
+
+    model = random_bn_stats(timm.create_model(name))
+    x = torch.randn(1, 3, 64, 64)
+    plain = output_quantizers(prepare(model, QuantConfig(), x), x)
+    qmodel = prepare(model, QuantConfig(quantize_layer_outputs=True), x)
+    reached = output_quantizers(qmodel, x)
+    last = qmodel.quant_placement.last_layer
+    assert [n for n, q in reached.items() if q is None] == [last]
+    bare = [n for n, q in plain.items() if q is None and n != last.removesuffix(".module")]
+    assert bare and len(reached) == len(plain)
