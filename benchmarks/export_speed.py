@@ -53,7 +53,7 @@ PTQ_ROWS = {  # name → (label, `ptq quantize` arguments)
         "ptq W7A8 symmetric (gptq+bc)",
         ["--w-bits", "7", "--a-bits", "8", "--set", "quant.w_symmetric=true"],
     ),
-    "ptq-w4a8": ("ptq W4A8 (gptq+bc)", ["--w-bits", "4", "--a-bits", "8"]),
+    "ptq-w4a8": ("ptq W4A8 (gptq+bc)", ["--w-bits", "4", "--a-bits", "8"]),  # for the file size
 }
 PEER_ROWS = {"ort_static": "onnxruntime quantize_static W8A8", "nncf": "NNCF (ONNX) W8A8"}
 
@@ -148,15 +148,15 @@ def run_model(key: str, peers_python: Path | None, rounds: int) -> dict:
         seconds[row] = ptq_export(name, args, checkpoint, work / row)
         files[row], labels[row] = work / row / "model.onnx", label
     if peers_python is not None:
-        if not all((work / f"{p}.onnx").is_file() for p in PEER_ROWS):
+        if not (work / "peer_seconds.json").is_file() or not all((work / f"{p}.onnx").is_file() for p in PEER_ROWS):
             np.save(work / "calib.npy", images.numpy())
             out = subprocess.run(
                 [str(peers_python), str(ROOT / "benchmarks" / "peers" / "export_peers.py"), str(files["fp32"]),
                  str(work / "calib.npy"), str(work)],
                 check=True, capture_output=True, text=True,
             ).stdout  # fmt: skip
-            (work / "peer_seconds.json").write_text(json.dumps({ln.split()[0]: float(ln.split()[1]) for ln in
-                                                               out.splitlines() if ln.strip()}))  # fmt: skip
+            timed_lines = [ln.split() for ln in out.splitlines() if ln.split()[:1] and ln.split()[0] in PEER_ROWS]
+            (work / "peer_seconds.json").write_text(json.dumps({k: float(v) for k, v, *_ in timed_lines}))
         peer_seconds = json.loads((work / "peer_seconds.json").read_text())
         for row, label in PEER_ROWS.items():
             files[row], labels[row], seconds[row] = work / f"{row}.onnx", label, peer_seconds.get(row, float("nan"))

@@ -273,8 +273,8 @@ def quantize(
     export: Annotated[
         str | None,
         typer.Option(
-            help="Also export for deployment: onnx (as `ptq export OUT` does); quantizes every conv output, "
-            "so that int8 runtimes run every conv in integer kernels."
+            help="Also export for deployment: onnx (as `ptq export OUT` does); quantizes every conv output and "
+            "5-8-bit weights on symmetric grids, so that int8 runtimes run every conv in integer kernels."
         ),
     ] = None,
 ) -> None:
@@ -303,10 +303,16 @@ def quantize(
                 "synth.num_images": num_images,
             }
         )
-        if export is not None:  # integer kernels for every conv; an explicit --set still wins
+        if export is not None:  # what integer kernels need: every conv output quantized; an explicit --set wins
             overrides = ["quant.quantize_layer_outputs=true", *(overrides or [])]
         resolved = _resolve_recipe(recipe, overrides, flags)
         q, mixed = resolved.quant, resolved.mixed
+        if export is not None and not mixed.enabled and q.w_bits >= 5 and not any(
+            o.startswith("quant.w_symmetric") for o in overrides
+        ):  # and weight grids with zero point 0: onnxruntime's int8 convs with per-channel weight zero points are
+            # many times slower (≤ 4-bit weights have no integer kernels; their asymmetric grids measure better)
+            resolved = _resolve_recipe(recipe, ["quant.w_symmetric=true", *overrides], flags)
+            q = resolved.quant
         if mixed.enabled and not mixed.has_budget:
             fail("--bits auto needs a budget: --size-budget (e.g. 2.5MB) or --avg-bits (e.g. 3.5)")
         if not mixed.enabled and (size_budget or avg_bits or bops_budget or sensitivity):
@@ -513,6 +519,14 @@ def _print_export(facts: dict[str, Any]) -> None:
         f"network with FP activations {check['fidelity_db']:.1f} dB (ptq's model: {check['ptq_fidelity_db']:.1f} dB)",
         highlight=False,
     )
+    blockers = facts.get("integer_kernel_blockers", {})
+    if blockers.get("asymmetric_weights") or blockers.get("unquantized_outputs"):
+        console.print(
+            f"note: {blockers['asymmetric_weights']} layers with asymmetric weight grids and "
+            f"{blockers['unquantized_outputs']} whose output no quantizer reads run outside onnxruntime's fast int8 "
+            "kernels; `ptq quantize ... --export onnx` quantizes for them (symmetric weights, every conv output)",
+            highlight=False,
+        )
 
 
 def _print_quantize_report(report: dict[str, Any], out: Path) -> None:

@@ -113,9 +113,12 @@ def test_symmetric_low_bit_weights_are_signed_and_integer_kernels_run(tmp_path):
     assert ops["QLinearConv"] == convs - 1 and ops["QLinearAdd"] > 0 and ops["Conv"] + ops["FusedConv"] == 1, ops
 
 
-def test_fixed_batch_export_runs_any_number_of_images(tmp_path):
-    folder, qmodel = _folder(tmp_path, "test_resnet", 8, 8)
-    export_onnx(folder, out=tmp_path / "b2.onnx", batch=2)
+def test_fixed_batch_and_older_opset_export(tmp_path):
+    """--batch 2 runs any number of images (padded chunks); below opset 21 4-bit weights are stored as UINT8."""
+    folder, qmodel = _folder(tmp_path, "test_resnet", 4, 8)
+    facts = export_onnx(folder, out=tmp_path / "b2.onnx", batch=2, opset=18)
+    assert set(facts["weights"]) == {"UINT8"} and facts["int4_initializers"] == 0
+    assert {o.version for o in onnx.load(str(tmp_path / "b2.onnx")).opset_import if o.domain == ""} == {18}
     model = OnnxModel(tmp_path / "b2.onnx")
     assert model.batch == 2
     x = torch.randn(3, 3, SIZE, SIZE)
@@ -149,7 +152,7 @@ def test_export_bad_input(tmp_path, monkeypatch):
         (["export", str(tmp_path)], "point at a folder made by `ptq quantize`"),
         (["export", str(folder), "--batch", "two"], "--batch takes dynamic or a positive integer"),
         (["export", str(folder), "--format", "tflite"], "the format ptq exports is onnx"),
-        (["export", str(folder), "--opset", "11"], "--opset 11 is not supported"),
+        (["export", str(folder), "--opset", "17"], "--opset 17 is not supported"),
         (["export", str(folder), "--weights", "signed"], "asymmetric weight grid"),
         (["export", str(folder), "--out", str(tmp_path / "m.txt")], "must end in .onnx"),
     ]

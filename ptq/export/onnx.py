@@ -51,10 +51,10 @@ from ptq.quant.modules import ActQuantizer, OutputQuant, Quantizer, QuantLayer, 
 
 ONNX_EXTRA = "pip install 'ptq[onnx]' (onnx, onnxruntime, onnxscript)"
 DEFAULT_OPSET = 21  # the first with INT4/UINT4 initializers and QuantizeLinear/DequantizeLinear types
-MIN_OPSET = 13  # per-axis DequantizeLinear
+MIN_OPSET = 18  # the lowest the exporter writes (it converts lower ones, not always successfully)
 MATCH_SQNR_DB = 30.0  # logit SQNR between ONNX and ptq at which the two simply agree
 FIDELITY_MARGIN_DB = 1.0  # otherwise: the ONNX model must be as faithful as ptq's, within this margin
-BIAS_ROUNDING = 1 / 64  # of the output step: see `_Layer`
+BIAS_ROUNDING = 1 / 4  # of the output step: see `_Layer`
 DIVERGED_FRACTION = 0.01
 INT4_MIN_OPSET = 21
 META_KEY = "ptq"  # metadata_props key holding the JSON below
@@ -114,9 +114,9 @@ def _(codes, scale):
 
 def _translations(opset: int) -> dict:
     import onnx_ir as ir
-    from onnxscript import opset13, opset21
+    from onnxscript import opset18, opset21
 
-    op = opset21 if opset >= 21 else opset13
+    op = opset21 if opset >= 21 else opset18
 
     def const(value, dtype):
         return op.Constant(value=ir.tensor(np.array(value, dtype=dtype)))
@@ -168,8 +168,10 @@ def _weight_forward(layer: nn.Module, weight_shape: tuple[int, ...]):
     from timm.layers import Conv2dSame
     from timm.layers.padding import pad_same
 
+    from timm.layers import Linear as TimmLinear  # nn.Linear with a cast for TorchScript: the same function
+
     kind = type(layer)
-    if kind is nn.Linear:
+    if kind in (nn.Linear, TimmLinear):
         return lambda x, w, b: F.linear(x, w, b)
     if kind is nn.Conv2d:
         return lambda x, w, b: layer._conv_forward(x, w, b)
@@ -234,6 +236,8 @@ class _Layer(nn.Module):
         self.bias_step = None
         bias = self.layer._parameters.get("bias")
         s_in, s_out = steps if steps is not None else (None, None)
+        self.output_quantized = s_out is not None
+        self.symmetric = symmetric
         on_layer = s_in is None or (
             not self.int4 and s_out is not None and 0.5 * s_in * float(s.max()) <= BIAS_ROUNDING * s_out
         )
@@ -373,6 +377,31 @@ def _to_int4(graph, names: set[str]) -> int:
     return done
 
 
+def _own_zero_points(graph, weights: set[str]) -> set[str]:
+    """Give every DequantizeLinear of the named weights a zero-point initializer of its own (the exporter merges
+    equal constants, e.g. the all-zero zero points of symmetric layers, across layers that will get other types);
+    drop initializers nothing reads any more. Returns the weights' and their zero points' names."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in graph.initializer}
+    names = set(weights)
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in weights and len(node.input) > 2:
+            own = TensorProto()
+            own.CopyFrom(inits[node.input[2]])
+            own.name = f"{node.input[0]}.zero_point"
+            graph.initializer.append(own)
+            node.input[2] = own.name
+            names.add(own.name)
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for t in unused:
+        graph.initializer.remove(t)
+    for info in [v for v in graph.value_info if v.name in {t.name for t in unused}]:
+        graph.value_info.remove(info)
+    return names
+
+
 def _float_weights(graph, layers: dict[str, _Layer]) -> list[str]:
     """Float initializers that are copies of a quantized layer's weight (there must be none)."""
     from onnx import TensorProto
@@ -432,12 +461,11 @@ def write_onnx(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"torch.onnx.export failed: {first[:300]}") from None
     proto = program.model_proto
-    int4_names = {f"model.{n}.qweight" for n, m in layers.items() if m.int4}
-    int4_names |= {f"model.{n}.qzero" for n, m in layers.items() if m.int4}
-    found = {t.name for t in proto.graph.initializer}
-    missing = (int4_names | {f"model.{n}.qweight" for n in layers}) - found
+    code_names = {f"model.{n}.qweight" for n in layers}
+    missing = code_names - {t.name for t in proto.graph.initializer}
     if missing:
         raise ExportError(f"the exported graph lacks the weight codes {sorted(missing)[0]}; please report this")
+    int4_names = _own_zero_points(proto.graph, {f"model.{n}.qweight" for n, m in layers.items() if m.int4})
     retyped = _to_int4(proto.graph, int4_names)
     floats = _float_weights(proto.graph, layers)
     if floats:
@@ -462,7 +490,13 @@ def write_onnx(
     weight_types = {
         name: f"{'INT' if layer.signed else 'UINT'}{4 if layer.int4 else 8}" for name, layer in layers.items()
     }
+    last = getattr(getattr(qmodel, "quant_placement", None), "last_layer", None)
+    blockers = {  # why a conv cannot run in onnxruntime's int8 kernels (4-bit layers have none anyway)
+        "asymmetric_weights": sum(not m.int4 and not m.symmetric for m in layers.values()),
+        "unquantized_outputs": sum(not m.int4 and not m.output_quantized for n, m in layers.items() if n != last),
+    }
     return {
+        "integer_kernel_blockers": blockers,
         "file": str(path),
         "bytes": path.stat().st_size,
         "opset": opset,
