@@ -307,8 +307,11 @@ def quantize(
             overrides = ["quant.quantize_layer_outputs=true", *(overrides or [])]
         resolved = _resolve_recipe(recipe, overrides, flags)
         q, mixed = resolved.quant, resolved.mixed
-        if export is not None and not mixed.enabled and q.w_bits >= 5 and not any(
-            o.startswith("quant.w_symmetric") for o in overrides
+        if (
+            export is not None
+            and not mixed.enabled
+            and q.w_bits >= 5
+            and not any(o.startswith("quant.w_symmetric") for o in overrides)
         ):  # and weight grids with zero point 0: onnxruntime's int8 convs with per-channel weight zero points are
             # many times slower (≤ 4-bit weights have no integer kernels; their asymmetric grids measure better)
             resolved = _resolve_recipe(recipe, ["quant.w_symmetric=true", *overrides], flags)

@@ -166,9 +166,8 @@ def _weight_forward(layer: nn.Module, weight_shape: tuple[int, ...]):
     """f(x, weight, bias) computing `layer` with another weight and bias, or None for a layer kind without a known
     form."""
     from timm.layers import Conv2dSame
-    from timm.layers.padding import pad_same
-
     from timm.layers import Linear as TimmLinear  # nn.Linear with a cast for TorchScript: the same function
+    from timm.layers.padding import pad_same
 
     kind = type(layer)
     if kind in (nn.Linear, TimmLinear):
