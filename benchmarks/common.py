@@ -27,3 +27,17 @@ def write_result(result: dict, name: str, out: str | None = None) -> Path:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def update_readme(text: str, marker: str) -> None:
+    """Replace what README.md holds between `<!-- MARKER:begin -->` and `<!-- MARKER:end -->` with `text`."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    content = readme.read_text()
+    if begin not in content or end not in content:
+        print(f"README.md has no {begin} … {end} markers; table not written there")
+        return
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+    print("updated the table in README.md")

@@ -36,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import write_result  # noqa: E402
+from common import update_readme, write_result  # noqa: E402
 
 from ptq.data import ImageFolder  # noqa: E402
 from ptq.eval.metrics import MetricSums  # noqa: E402
@@ -45,7 +45,6 @@ from ptq.models import load_model  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "peers" / "work" / "export"
 PHOTOS = ROOT / "data" / "samples"
-BEGIN, END = "<!-- export:begin -->", "<!-- export:end -->"
 MODELS = {"lite0": "tf_efficientnet_lite0", "resnet18": "resnet18"}
 PTQ_ROWS = {  # name → (label, `ptq quantize` arguments)
     "ptq-w8a8": ("ptq W8A8 (gptq+bc)", ["--bits", "8"]),
@@ -203,18 +202,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if BEGIN not in content or END not in content:
-        print(f"README.md has no {BEGIN} … {END} markers; table not written there")
-        return
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-    print("updated the table in README.md")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lite0,resnet18")
@@ -238,7 +225,7 @@ def main() -> None:
         print(table(result), flush=True)
     write_result(result, "export_speed_cpu.json")
     if not args.no_readme:
-        update_readme(table(result))
+        update_readme(table(result), "export")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import RESULTS, device_name, write_result  # noqa: E402
+from common import RESULTS, device_name, update_readme, write_result  # noqa: E402
 from rounding_quality import cell, photos, synthetic_set  # noqa: E402
 
 from ptq.eval.metrics import MetricSums  # noqa: E402
@@ -42,7 +42,6 @@ from ptq.quant.modules import quant_layers  # noqa: E402
 MODEL = "tf_efficientnet_lite0"
 VENV = HERE / ".venv"
 WORK = HERE / "work"
-BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
 BC = "quant.bias_correction=empirical"
 GPTQ = ["method=gptq", BC]
 # zero-shot images for ptq rows: the default recipe's synthesis settings
@@ -115,18 +114,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if BEGIN not in content or END not in content:
-        print(f"README.md has no {BEGIN} … {END} markers; table not written there")
-        return
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-    print("updated the table in README.md")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS))
@@ -195,7 +182,7 @@ def main() -> None:
     text = table(result)
     print(text)
     if not args.no_readme:
-        update_readme(text)
+        update_readme(text, "peers")
 
 
 if __name__ == "__main__":
