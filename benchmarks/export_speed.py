@@ -1,6 +1,6 @@
 """Deployed speed, size and accuracy of ptq's ONNX exports against the FP32 ONNX model and the peers' int8 exports.
 
-    python benchmarks/export_speed.py [--models lite0,resnet18] [--peers-python PATH] [--rounds 5] [--no-readme]
+    python benchmarks/export_speed.py [--models lite0,resnet18] [--peers-python PATH] [--rounds 5] [--recipe gptq]
 
 Per model (tf_efficientnet_lite0 with its real ImageNet weights; resnet18 with seeded random weights, for speed
 only), all calibrated on the 66 sample photos:
@@ -36,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import update_readme, write_result  # noqa: E402
+from common import RESULTS, update_readme, write_result  # noqa: E402
 
 from ptq.data import ImageFolder  # noqa: E402
 from ptq.eval.metrics import MetricSums  # noqa: E402
@@ -89,7 +89,7 @@ def ptq_export(name: str, args: list[str], checkpoint: Path | None, out: Path) -
     if (out / "model.onnx").is_file():
         return json.loads((out / "report.json").read_text()).get("bench_seconds", float("nan"))
     command = [
-        str(Path(sys.executable).parent / "ptq"), "quantize", name, *args, "--recipe", "gptq", "--calib-data",
+        str(Path(sys.executable).parent / "ptq"), "quantize", name, *args, "--calib-data",
         str(PHOTOS), "--out", str(out), "--overwrite", "--export", "onnx", "--device", "cpu",
     ]  # fmt: skip
     if checkpoint is not None:
@@ -130,7 +130,7 @@ def accuracy(path: Path, images: torch.Tensor, fp_logits: torch.Tensor) -> dict:
     return sums.summary()
 
 
-def run_model(key: str, peers_python: Path | None, rounds: int) -> dict:
+def run_model(key: str, peers_python: Path | None, rounds: int, recipe: str) -> dict:
     name = MODELS[key]
     work = WORK / key
     work.mkdir(parents=True, exist_ok=True)
@@ -144,8 +144,11 @@ def run_model(key: str, peers_python: Path | None, rounds: int) -> dict:
     if not files["fp32"].is_file():
         fp32_onnx(fp_model, (1, *images.shape[1:]), files["fp32"])
     for row, (label, args) in PTQ_ROWS.items():
-        seconds[row] = ptq_export(name, args, checkpoint, work / row)
-        files[row], labels[row] = work / row / "model.onnx", label
+        seconds[row] = ptq_export(name, [*args, "--recipe", recipe], checkpoint, work / row)
+        files[row], labels[row] = (
+            work / row / "model.onnx",
+            label.replace("gptq+bc", "gptq+bc" if recipe == "gptq" else recipe),
+        )
     if peers_python is not None:
         if not (work / "peer_seconds.json").is_file() or not all((work / f"{p}.onnx").is_file() for p in PEER_ROWS):
             np.save(work / "calib.npy", images.numpy())
@@ -180,7 +183,7 @@ def run_model(key: str, peers_python: Path | None, rounds: int) -> dict:
         if key == "lite0":
             entry.update(accuracy(path, images, fp_logits))
         rows[row] = entry
-    return {"model": name, "weights": "random (seeded)" if checkpoint else "ImageNet", "rows": rows}
+    return {"model": name, "weights": "random (seeded)" if checkpoint else "ImageNet", "recipe": recipe, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -207,6 +210,7 @@ def main() -> None:
     parser.add_argument("--models", default="lite0,resnet18")
     parser.add_argument("--peers-python", default=None, help="the peers' virtualenv Python (skip the peers without)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--recipe", default="gptq", help="ptq's recipe (the speed does not depend on it)")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
     import onnxruntime
@@ -219,9 +223,12 @@ def main() -> None:
                                                                                            "avx512_vnni", "avx_vnni")}),
         "models": {},
     }  # fmt: skip
+    path = RESULTS / "export_speed_cpu.json"
+    if path.is_file():  # other models' rows stay
+        result["models"] = json.loads(path.read_text()).get("models", {})
     peers = Path(args.peers_python) if args.peers_python else None
     for key in args.models.split(","):
-        result["models"][key] = run_model(key, peers, args.rounds)
+        result["models"][key] = run_model(key, peers, args.rounds, args.recipe)
         print(table(result), flush=True)
     write_result(result, "export_speed_cpu.json")
     if not args.no_readme:
