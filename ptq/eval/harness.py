@@ -122,7 +122,7 @@ def _onnx_model(spec: str, device) -> tuple[Any, dict[str, Any], nn.Module | Non
     model = OnnxModel(spec)
     if not model.meta:
         raise ExportError(f"{spec} carries no ptq metadata (data config, FP model); export it with `ptq export`")
-    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in model.meta["data_config"].items()}
+    data_config = data_config_from(model.meta)
     try:
         fp_model, _ = load_model(model.meta["model"], checkpoint=model.meta.get("checkpoint"), device=device)
         return model, data_config, fp_model, None

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -92,7 +93,7 @@ def _(x, scale, zero_point, bits, signed):
 
 @torch.library.custom_op("ptq_export::weight_dq", mutates_args=())
 def weight_dq(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """Signed integer codes → FP32 weight, per output channel (axis 0)."""
+    """Integer codes → FP32 weight, per output channel (axis 0)."""
     return (codes.float() - channel_view(zero_point.float(), codes.ndim)) * channel_view(scale, codes.ndim)
 
 
@@ -224,7 +225,7 @@ class _Layer(nn.Module):
         self.register_buffer("qweight", codes)
         self.register_buffer("qscale", s.clone())
         self.register_buffer("qzero", zero)
-        self.bits, self.int4 = q.bits, int4 and q.bits <= 4
+        self.int4 = int4 and q.bits <= 4
         # An int8 runtime adds the bias to the integer accumulator, rounded to the step s_in·s_weight (onnxruntime
         # does so to any float bias of a conv whose inputs are dequantized). Where that rounding can move a channel
         # by more than BIAS_ROUNDING of the output quantizer's step s_out — coarse weight steps, or an output that
@@ -304,11 +305,15 @@ def _layer_steps(model: nn.Module) -> dict[str, tuple[float | None, float | None
     return steps
 
 
+def _check_codes(codes: str) -> None:
+    if codes not in WEIGHT_CODES:
+        raise ExportError(f"--weights {codes!r}: choose one of {', '.join(WEIGHT_CODES)}")
+
+
 def export_model(qmodel: nn.Module, opset: int, codes: str = "auto") -> tuple[nn.Module, dict[str, _Layer]]:
     """A copy of `qmodel` in which quantizers are the export ops; returns it and its integer-weight layers.
     `codes`: how weights are stored (WEIGHT_CODES; see `_Layer`)."""
-    if codes not in WEIGHT_CODES:
-        raise ExportError(f"--weights {codes!r}: choose one of {', '.join(WEIGHT_CODES)}")
+    _check_codes(codes)
     signed = codes == "signed"
     from ptq.quant.fold import replace_module
 
@@ -396,7 +401,8 @@ def _own_zero_points(graph, weights: set[str]) -> set[str]:
     unused = [t for t in graph.initializer if t.name not in used]
     for t in unused:
         graph.initializer.remove(t)
-    for info in [v for v in graph.value_info if v.name in {t.name for t in unused}]:
+    dropped = {t.name for t in unused}
+    for info in [v for v in graph.value_info if v.name in dropped]:
         graph.value_info.remove(info)
     return names
 
@@ -483,7 +489,6 @@ def write_onnx(
             onnx.save_model(
                 proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
             )
-            Path(tmp.parent / (path.name + ".data")).touch()
         else:
             onnx.save_model(proto, str(tmp))
     weight_types = {
@@ -606,12 +611,10 @@ def first_divergence(qmodel: nn.Module, path: str | Path, inputs: torch.Tensor) 
     for name in act_outputs:
         if name not in existing:
             proto.graph.output.add().name = name
-    debug = Path(path).with_suffix(".debug.onnx")
-    onnx.save_model(proto, str(debug))
-    try:
+    with tempfile.TemporaryDirectory() as tmp:  # never beside the user's files
+        debug = Path(tmp) / "debug.onnx"
+        onnx.save_model(proto, str(debug))
         got = OnnxModel(debug).run(inputs.numpy(), act_outputs)
-    finally:
-        debug.unlink(missing_ok=True)
     seen: list[tuple[str, torch.Tensor, float]] = []
     hooks = [
         m.register_forward_hook(lambda mod, _, y, n=n: seen.append((n, y.detach(), float(mod.scale))))
@@ -683,8 +686,7 @@ def export_onnx(
     from ptq.export.checkpoint import data_config_from, load_quantized, read_quant_config
 
     _require_onnx()
-    if codes not in WEIGHT_CODES:
-        raise ExportError(f"--weights {codes!r}: choose one of {', '.join(WEIGHT_CODES)}")
+    _check_codes(codes)  # before the model is loaded
     folder = Path(folder)
     meta = read_quant_config(folder)
     out = Path(out) if out is not None else folder / "model.onnx"
