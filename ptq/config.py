@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 class BitConvention(str, Enum):
     """Which layers keep 8 bits at low precision (README: What "W4A4" means here)."""
 
-    ALL = "all"  # every conv/linear at the low width (the input image is never quantized)
+    ALL = "all"  # every conv/linear at the low width (the image is quantized only for export, at 8 bits)
     BRECQ = "brecq"  # first conv W8 and its output A8; last linear W8
     QDROP = "qdrop"  # first conv W8; last linear W8 with an A8 input
 
@@ -113,7 +113,7 @@ class QuantConfig:
     equalize: bool = False  # cross-layer equalization of conv → ReLU/ReLU6 → conv pairs after folding
     bias_correction: BiasCorrection = BiasCorrection.OFF
     # quantize every conv/linear output (not only after activations and residual adds), as int8 runtimes compute:
-    # an ONNX export then runs every conv in integer kernels (`ptq quantize --export onnx` turns it on)
+    # and the image at 8 bits: an ONNX export then runs every conv in integer kernels (`--export onnx` turns it on)
     quantize_layer_outputs: bool = False
 
     def __post_init__(self):

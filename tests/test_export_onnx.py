@@ -97,8 +97,8 @@ def test_int4_packing_reads_back_through_onnx():
 
 def test_symmetric_low_bit_weights_are_signed_and_integer_kernels_run(tmp_path):
     """W7A8 with symmetric weights and every conv output quantized: signed INT8 codes with zero point 0, and
-    onnxruntime's optimised graph runs every conv but the first (which sees the float image) as QLinearConv and the
-    residual adds as QLinearAdd."""
+    onnxruntime's optimised graph runs every conv — the first too: the image gets an 8-bit input quantizer — as
+    QLinearConv, and the residual adds as QLinearAdd."""
     folder, _ = _folder(
         tmp_path, "test_resnet", 7, 8, w_symmetric=True, quantize_layer_outputs=True, first_last_bits="all"
     )
@@ -110,7 +110,7 @@ def test_symmetric_low_bit_weights_are_signed_and_integer_kernels_run(tmp_path):
     OnnxModel(folder / "model.onnx", optimized_path=tmp_path / "optimized.onnx")
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in timm.create_model("test_resnet").modules())
-    assert ops["QLinearConv"] == convs - 1 and ops["QLinearAdd"] > 0 and ops["Conv"] + ops["FusedConv"] == 1, ops
+    assert ops["QLinearConv"] == convs and ops["QLinearAdd"] > 0 and ops["Conv"] + ops["FusedConv"] == 0, ops
 
 
 def test_fixed_batch_and_older_opset_export(tmp_path):

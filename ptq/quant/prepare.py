@@ -14,7 +14,8 @@ Steps (each explicit; nothing is initialised lazily in `forward`):
    quantized whatever the architecture. Grid-preserving modules (identity, dropout, max-pool, flatten, ReLU) pass
    "already quantized" through. With `quantize_layer_outputs` (for integer runtimes: every conv then reads and
    writes integers), every layer but the last whose output is still not quantized — the last conv of a residual
-   branch, a downsampling shortcut — gets an output quantizer too.
+   branch, a downsampling shortcut — gets an output quantizer too, and the layers that read the image get an 8-bit
+   input quantizer.
 5. The first/last-layer bit convention is applied, and the quantizers are switched per the config.
 The network output is never quantized. Weight and activation quantizers are uncalibrated until `calibrate` runs.
 """
@@ -238,7 +239,10 @@ def prepare(model: nn.Module, config: QuantConfig, example: torch.Tensor | None 
         _wrap_outputs(model, bare, config.a_bits)
         placement = _probe(model, example)
     for name, layer in quant_layers(model).items():
-        if name not in placement.first_layers and placement.input_producer.get(name) is None:
+        if name in placement.first_layers:
+            if config.quantize_layer_outputs:  # the image too: an integer runtime then runs the stem conv in int8
+                layer.input_quantizer = ActQuantizer(HIGH_BITS)
+        elif placement.input_producer.get(name) is None:
             layer.input_quantizer = ActQuantizer(config.a_bits)
     # the input quantizers just added change nothing upstream, so the placement found above still holds
     _apply_bit_convention(model, placement, config.first_last_bits)
