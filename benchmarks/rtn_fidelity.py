@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ptq.config import load_recipe
-from ptq.pipeline import quantize
+from ptq.pipeline import Job, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [  # (label, w_bits, a_bits, bit convention)
@@ -43,7 +43,9 @@ def main() -> None:
         recipe = load_recipe("rtn", [f"quant.w_bits={w}", f"quant.a_bits={a}", f"quant.first_last_bits={convention}"])
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            report = quantize(args.model, recipe, args.data, Path(tmp) / "out", device=args.device)
+            _, report = quantize(
+                Job(args.model, recipe, calib_data=args.data, out=Path(tmp) / "out", device=args.device)
+            )
             wall = time.perf_counter() - start
         ev = report["evaluation"]
         rows.append(

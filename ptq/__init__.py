@@ -1,24 +1,36 @@
 """ptq: post-training and zero-shot quantization of pretrained timm image models.
 
-model, data_config = ptq.load_model("tf_efficientnet_lite0")
-qmodel = ptq.calibrate(ptq.prepare(model, ptq.QuantConfig(w_bits=4, a_bits=8)), batches, config)
-ptq.load_quantized("runs/lite0-w4a8")  # a folder written by `ptq quantize`
+    import ptq
+    qmodel = ptq.quantize("tf_efficientnet_lite0", calib="zero-shot", w_bits=4, a_bits=8)
+    qmodel.save("runs/lite0-w4a8")
+    ptq.evaluate(["tf_efficientnet_lite0", ptq.load_quantized("runs/lite0-w4a8")], "data/samples")
+
+The verbs (`quantize`, `synthesize`, `evaluate`, `load_quantized`) are what the `ptq` command runs; the stages
+they are made of (`prepare`, `calibrate`, ...) stay importable for custom pipelines.
 """
 
-from ptq.config import QuantConfig, Recipe, load_recipe
-from ptq.export import load_quantized, save_quantized
+from ptq.api import QuantizedModel, Result, evaluate, load_quantized, quantize, synthesize
+from ptq.config import ConfigError, QuantConfig, Recipe, keyword_names, load_recipe
+from ptq.export import save_quantized
 from ptq.models import load_model
 from ptq.quant import calibrate, prepare, set_quant_state
 
 __version__ = "0.1.0"
 __all__ = [
+    "ConfigError",
     "QuantConfig",
+    "QuantizedModel",
     "Recipe",
+    "Result",
     "calibrate",
+    "evaluate",
+    "keyword_names",
     "load_model",
     "load_quantized",
     "load_recipe",
     "prepare",
+    "quantize",
     "save_quantized",
     "set_quant_state",
+    "synthesize",
 ]

@@ -24,7 +24,16 @@ from rich.table import Table
 
 from ptq import distributed
 from ptq._io import OutputError, write_text
-from ptq.config import HIGH_BITS, ConfigError, Method, SynthMethod, check_bits, load_recipe, recipe_names
+from ptq.config import (
+    ConfigError,
+    Method,
+    SynthMethod,
+    bit_values,
+    check_job_recipe,
+    load_recipe,
+    recipe_names,
+    with_values,
+)
 from ptq.data import DataError
 from ptq.distributed import DistributedError
 from ptq.export.checkpoint import CheckpointError
@@ -169,42 +178,21 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pr
 
 
 def _resolve_recipe(recipe: str, overrides: list[str] | None, flags: dict[str, Any]) -> Any:
-    """The recipe with --set overrides, then the explicit command-line flags (which win)."""
-    sets = list(overrides or [])
-    sets += [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return load_recipe(recipe, sets)
+    """The recipe with --set overrides, then the explicit command-line flags (typed values, which win)."""
+    return with_values(load_recipe(recipe, list(overrides or [])), flags)
 
 
 def _bit_flags(bits: str | None, w_bits: str | None, a_bits: int | None) -> dict[str, Any]:
     """--bits N sets weights and activations; --bits auto (or --w-bits auto) chooses the weight width per layer and
     leaves activations at the recipe's (8 by default)."""
-    flags: dict[str, Any] = {"quant.a_bits": a_bits}
-    if a_bits is not None:
-        check_bits(a_bits, "--a-bits")
-    for flag, value in (("--bits", bits), ("--w-bits", w_bits)):
-        if value is None:
-            continue
-        if value.lower() == "auto":
-            flags |= {"mixed.enabled": True, "quant.w_bits": HIGH_BITS}  # each layer's width comes from the budget
-            continue
-        try:
-            number = int(value)
-        except ValueError:
-            fail(f"{flag} takes a bit width from 2 to 8 or auto, got {value!r}")
-        check_bits(number, flag)
-        flags["quant.w_bits"] = number
-        if flag == "--bits" and a_bits is None:
-            flags["quant.a_bits"] = number
-        if flag == "--w-bits":
-            flags.pop("mixed.enabled", None)
-    return flags
+    return bit_values(bits, w_bits, a_bits, ("--bits", "--w-bits", "--a-bits"))
 
 
-def _classes(value: str | None) -> str | None:
+def _classes(value: str | None) -> list[int] | None:
     if value is None:
         return None
     try:
-        return "[" + ",".join(str(int(c)) for c in value.split(",") if c.strip()) + "]"
+        return [int(c) for c in value.split(",") if c.strip()]
     except ValueError:
         fail(f"--classes expects comma-separated class indices, e.g. 1,207,980; got {value!r}")
 
@@ -279,6 +267,7 @@ def quantize(
     ] = None,
 ) -> None:
     """Quantize a pretrained timm model and write a packed low-bit checkpoint with a fidelity report."""
+    from ptq.pipeline import Job
     from ptq.pipeline import quantize as run_quantize
 
     if export is not None and export != "onnx":
@@ -316,17 +305,18 @@ def quantize(
             # many times slower (≤ 4-bit weights have no integer kernels; their asymmetric grids measure better)
             resolved = _resolve_recipe(recipe, ["quant.w_symmetric=true", *overrides], flags)
             q = resolved.quant
-        if mixed.enabled and not mixed.has_budget:
-            fail("--bits auto needs a budget: --size-budget (e.g. 2.5MB) or --avg-bits (e.g. 3.5)")
+        check_job_recipe(resolved)
         if not mixed.enabled and (size_budget or avg_bits or bops_budget or sensitivity):
             fail("--size-budget, --avg-bits, --bops-budget and --sensitivity apply to --bits auto (or --w-bits auto)")
         out = out or Path("runs") / f"{model}-w{'auto' if mixed.enabled else q.w_bits}a{q.a_bits}"
         dev = start(device)
         with progress_bars() as progress:
-            report = run_quantize(
-                model, resolved, calib_data, out, eval_data, checkpoint, dev, overwrite, progress, zero_shot,
-                synth_data, sensitivity,
+            job = Job(
+                model, resolved, calib_data=calib_data, zero_shot=zero_shot, synth_data=synth_data,
+                eval_data=eval_data, out=out, checkpoint=checkpoint, sensitivity_file=sensitivity, device=dev,
+                overwrite=overwrite,
             )  # fmt: skip
+            _, report = run_quantize(job, progress)
     _print_quantize_report(report, out)
     if export is not None and distributed.world().main:
         with user_errors(f"the checkpoint in {out} is complete; `ptq export {out}` retries the export"):
@@ -359,6 +349,7 @@ def sensitivity_command(
 ) -> None:
     """Per-layer Hessian sensitivity to weight bits, the Pareto front of size vs predicted loss, and the best
     allocation under a budget (default: 4 bits per weight on average)."""
+    from ptq.pipeline import Job
     from ptq.pipeline import sensitivity as run_sensitivity
 
     if calib_data is None and not zero_shot:
@@ -374,17 +365,19 @@ def sensitivity_command(
         resolved = _resolve_recipe(recipe, overrides, flags)
         dev = start(device)
         with progress_bars() as progress:
-            result = run_sensitivity(
-                model, resolved, calib_data, out, checkpoint, dev, overwrite, progress, zero_shot, synth_data
-            )
+            job = Job(
+                model, resolved, calib_data=calib_data, zero_shot=zero_shot, synth_data=synth_data, out=out,
+                checkpoint=checkpoint, device=dev, overwrite=overwrite,
+            )  # fmt: skip
+            result = run_sensitivity(job, progress)
     _print_sensitivity(result, out)
 
 
 def _budget_flags(size_budget: str | None, avg_bits: float | None, bops_budget: str | None) -> dict[str, Any]:
     return {
-        "mixed.size_budget": size_budget and f"'{size_budget}'",
+        "mixed.size_budget": size_budget,
         "mixed.avg_bits": avg_bits,
-        "mixed.bops_budget": bops_budget and f"'{bops_budget}'",
+        "mixed.bops_budget": bops_budget,
     }
 
 

@@ -84,6 +84,50 @@ def check_bits(bits: int, what: str) -> None:
         raise ConfigError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
 
 
+def bit_values(
+    bits: int | str | None = None,
+    w_bits: int | str | None = None,
+    a_bits: int | None = None,
+    names: tuple[str, str, str] = ("bits", "w_bits", "a_bits"),
+) -> dict[str, Any]:
+    """Recipe values for the bit options (`names`: how the caller spells them in messages): `bits` N sets weights
+    and activations; `auto` (as `bits` or `w_bits`) chooses the weight width per layer under a budget
+    (`mixed.enabled`) and leaves activations at the recipe's; `w_bits`/`a_bits` win over `bits`. Numbers may come
+    as strings (a command line's)."""
+    values: dict[str, Any] = {}
+    if a_bits is not None:
+        check_bits(a_bits, names[2])
+        values["quant.a_bits"] = a_bits
+    for name, value in ((names[0], bits), (names[1], w_bits)):
+        if value is None:
+            continue
+        if isinstance(value, str) and value.lower() == "auto":
+            values |= {"mixed.enabled": True, "quant.w_bits": HIGH_BITS}  # each layer's width comes from the budget
+            continue
+        try:
+            number = int(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise ConfigError(f"{name} takes a bit width from {MIN_BITS} to {MAX_BITS} or auto, got {value!r}")
+        check_bits(number, name)
+        values["quant.w_bits"] = number
+        if name == names[0] and a_bits is None:
+            values["quant.a_bits"] = number
+        if name == names[1]:
+            values.pop("mixed.enabled", None)
+    return values
+
+
+def check_job_recipe(recipe: Recipe) -> None:
+    """Checks that span sections, made once for every caller (command line or Python)."""
+    if recipe.mixed.enabled and not recipe.mixed.has_budget:
+        raise ConfigError(
+            "automatic weight bits (--bits auto) needs a budget: a size (--size-budget 2.5MB; mixed_size_budget=) "
+            "or average bits (--avg-bits 3.5; mixed_avg_bits=)"
+        )
+
+
 def coerce_enums(obj) -> None:
     """Let Python callers pass enum values as plain strings; reject unknown ones naming the allowed set."""
     for name, tp in typing.get_type_hints(type(obj)).items():
@@ -536,6 +580,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"--set {item}: {part} is not a section")
         node[path[-1]] = value
     return data
+
+
+def with_values(recipe: Recipe, values: dict[str, Any]) -> Recipe:
+    """A copy of `recipe` with typed values set by dotted key (`{"quant.w_bits": 4}`; None leaves a value as it is),
+    validated like a recipe file: no string is parsed."""
+    data = recipe.to_dict()
+    for key, value in values.items():
+        if value is None:
+            continue
+        *sections, name = key.split(".")
+        node = data
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown recipe section {part!r} in {key}; sections: {', '.join(SECTIONS)}")
+            node = node[part]
+        node[name] = to_plain(value)
+    return Recipe.from_dict(data)
+
+
+SECTIONS = ("quant", "calib", "synth", "recon", "gptq", "mixed")
+
+
+def keyword_names() -> dict[str, str]:
+    """Python keyword → dotted recipe key: `method`, every quantization field by its own name (`w_bits`,
+    `bias_correction`) and every other field as `section_field` (`synth_iters`, `recon_lr`, `mixed_avg_bits`)."""
+    hints = typing.get_type_hints(Recipe)
+    names = {"method": "method"}
+    for section in SECTIONS:
+        for f in dataclasses.fields(hints[section]):
+            names[f"{section}_{f.name}"] = f"{section}.{f.name}"
+            if section == "quant":
+                names[f.name] = f"quant.{f.name}"
+    return names
 
 
 def load_recipe(name_or_file: str = "rtn", overrides: list[str] | None = None) -> Recipe:

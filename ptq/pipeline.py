@@ -27,10 +27,20 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from ptq import distributed
 from ptq._io import check_output_dir, staged_dir, write_json, write_text
-from ptq.config import BiasCorrection, ConfigError, Method, Recipe, RoundingInit, SynthMethod, dump_recipe, to_plain
+from ptq.config import (
+    BiasCorrection,
+    ConfigError,
+    Method,
+    Recipe,
+    RoundingInit,
+    SynthMethod,
+    check_job_recipe,
+    dump_recipe,
+    to_plain,
+)
 from ptq.data import DataError, ImageFolder, calibration_set, image_batches, make_loader
 from ptq.eval.harness import run_metrics
-from ptq.export.checkpoint import WEIGHTS_FILE, fp32_weight_bytes, save_quantized
+from ptq.export.checkpoint import WEIGHTS_FILE, fp32_weight_bytes, packed_bytes, save_quantized
 from ptq.mixed import Allocation, Budget, SensitivityTable, allocate, apply_bits, measure_sensitivity, pareto_front
 from ptq.mixed.allocate import check_feasible, evaluate
 from ptq.mixed.plot import plot_sensitivity
@@ -50,6 +60,49 @@ from ptq.synth.shards import META_FILE
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int | None], None]
 SENSITIVITY_FILE = "sensitivity.json"
+
+
+@dataclasses.dataclass
+class Job:
+    """One `quantize` or `sensitivity` run: the model, the recipe, where calibration data comes from and where the
+    result goes. Calibration data is a folder (`calib_data`), preprocessed images in memory (`images`: the Python
+    API's tensor or DataLoader) or, with `zero_shot`, a synthetic set (`synth_data`, or the cache). Without `out`
+    nothing is written (the Python API keeps the model in memory) and an interrupted run does not resume."""
+
+    model: str  # timm name: loads the model, names caches and reports
+    recipe: Recipe
+    calib_data: Path | None = None
+    images: Dataset | None = None
+    zero_shot: bool = False
+    synth_data: Path | None = None
+    eval_data: Path | None = None
+    out: Path | None = None
+    checkpoint: Path | None = None
+    sensitivity_file: Path | None = None
+    device: str = "cpu"
+    overwrite: bool = False
+
+    def __post_init__(self):
+        for name in ("calib_data", "synth_data", "eval_data", "out", "checkpoint", "sensitivity_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                setattr(self, name, Path(value))
+        if not self.zero_shot and self.calib_data is None and self.images is None:
+            raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
+        if self.zero_shot and self.images is not None:
+            raise DataError("calibration images were given and zero-shot asked for; pass one of them")
+        check_job_recipe(self.recipe)
+
+    @property
+    def calib_source(self) -> str:
+        if self.zero_shot:
+            return "synthetic"
+        return str(self.calib_data) if self.calib_data is not None else "in-memory images"
+
+    @property
+    def work_dir(self) -> Path | None:
+        """Per-layer/unit checkpoints of the rounding and reconstruction passes: a rerun resumes from them."""
+        return None if self.out is None else self.out.parent / f".{self.out.name}.recon"
 
 
 @contextmanager
@@ -98,31 +151,25 @@ def synthesize_set(
 
 
 def calibration_data(
-    fp_model: nn.Module,
-    model_name: str,
-    data_config: dict,
-    recipe: Recipe,
-    calib_data: str | Path | None,
-    device: str | torch.device,
-    progress: Progress | None,
-    zero_shot: bool,
-    synth_data: str | Path | None,
-    timings: dict[str, float],
+    fp_model: nn.Module, data_config: dict, job: Job, progress: Progress | None, timings: dict[str, float]
 ) -> tuple[Dataset, dict[str, Any] | None, Iterable[torch.Tensor]]:
-    """The calibration set: real images, or (zero-shot) a synthetic set that is reused from `synth_data` or the
-    cache when finished, else synthesized (resumably); with the synthetic set's metadata (or None) and the set's
-    batches on `device`."""
-    with _timed(timings, "synthesize" if zero_shot else "load"):
-        if not zero_shot:
+    """The calibration set: real images (a folder's seeded subset, or the first of the in-memory ones), or
+    (zero-shot) a synthetic set that is reused from `synth_data` or the cache when finished, else synthesized
+    (resumably); with the synthetic set's metadata (or None) and the set's batches on the job's device."""
+    recipe, device = job.recipe, job.device
+    with _timed(timings, "synthesize" if job.zero_shot else "load"):
+        if job.images is not None:
+            calib, meta = Subset(job.images, range(min(len(job.images), recipe.calib.num_images))), None
+        elif not job.zero_shot:
             num, seed = recipe.calib.num_images, recipe.calib.seed
-            calib, meta = distributed.together(calibration_set, calib_data, data_config, num, seed), None
+            calib, meta = distributed.together(calibration_set, job.calib_data, data_config, num, seed), None
         else:
             digest = weights_digest(fp_model)
-            folder = Path(synth_data) if synth_data else default_synth_dir(model_name, data_config, recipe, digest)
+            cached = job.synth_data is None
+            folder = job.synth_data or default_synth_dir(job.model, data_config, recipe, digest)
             calib, meta = _synthetic_calibration(
-                fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, synth_data is None,
-                digest,
-            )  # fmt: skip
+                fp_model, job.model, data_config, recipe, folder, job.calib_data, device, progress, cached, digest
+            )
     loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
     return calib, meta, _counted(image_batches(loader, device), len(loader))
 
@@ -173,149 +220,139 @@ def read_sensitivity(path: str | Path, model_name: str, qmodel: nn.Module, recip
 
 
 def _load_prepared(
-    model_name: str,
-    recipe: Recipe,
-    calib_data: str | Path | None,
-    out: str | Path,
-    overwrite: bool,
-    checkpoint: str | Path | None,
-    device: str | torch.device,
-    zero_shot: bool,
-    timings: dict[str, float],
+    job: Job, timings: dict[str, float], loaded: tuple[nn.Module, dict] | None
 ) -> tuple[nn.Module, dict, nn.Module]:
-    """The start of `quantize` and `sensitivity`: the output folder and the data source checked before any work, then
-    (FP model, data config, prepared copy with quantizers placed)."""
-    distributed.on_main(check_output_dir, out, overwrite)
-    if not zero_shot and calib_data is None:
-        raise DataError("no calibration data: pass --calib-data DIR, or --zero-shot to synthesize it")
+    """The start of `quantize` and `sensitivity`: the output folder checked before any work, then (FP model, data
+    config, prepared copy with quantizers placed). `loaded`: a model (and its data config) already in memory."""
+    if job.out is not None:
+        distributed.on_main(check_output_dir, job.out, job.overwrite)
     with _timed(timings, "load"):  # every rank loads; a bad name or checkpoint is reported once
-        fp_model, data_config = distributed.together(load_model, model_name, checkpoint=checkpoint, device=device)
+        if loaded is None:
+            loaded = distributed.together(load_model, job.model, checkpoint=job.checkpoint, device=job.device)
+        fp_model, data_config = loaded
     with _timed(timings, "prepare"):
-        qmodel = prepare(fp_model, recipe.quant, torch.zeros((1, *data_config["input_size"]), device=device))
+        example = torch.zeros((1, *data_config["input_size"]), device=job.device)
+        qmodel = prepare(fp_model, job.recipe.quant, example)
     return fp_model, data_config, qmodel
 
 
 def quantize(
-    model_name: str,
-    recipe: Recipe,
-    calib_data: str | Path | None,
-    out: str | Path,
-    eval_data: str | Path | None = None,
-    checkpoint: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    overwrite: bool = False,
-    progress: Progress | None = None,
-    zero_shot: bool = False,
-    synth_data: str | Path | None = None,
-    sensitivity_file: str | Path | None = None,
-) -> dict[str, Any]:
-    """PTQ of a timm model calibrated on real images or (zero-shot) on synthesized ones: round-to-nearest, then, for
-    adaround/brecq/qdrop, reconstruction of every unit (resumable from `.OUT.recon/`). With `recipe.mixed.enabled`
-    (`--bits auto`) the weight width of every layer is chosen under the budget before calibration."""
+    job: Job, progress: Progress | None = None, loaded: tuple[nn.Module, dict] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """PTQ of a timm model (or `loaded`, a model already in memory with its data config) calibrated on real images
+    or (zero-shot) on synthesized ones: round-to-nearest, GPTQ and/or bias correction, then, for
+    adaround/brecq/qdrop, reconstruction of every unit (resumable when the job has an output folder). With
+    `recipe.mixed.enabled` (`--bits auto`) the weight width of every layer is chosen under the budget before
+    calibration. Returns the quantized model and its report; with `job.out` both are written there, atomically."""
     timings: dict[str, float] = {}
+    recipe = job.recipe
     q = recipe.quant
-    fp_model, data_config, qmodel = _load_prepared(
-        model_name, recipe, calib_data, out, overwrite, checkpoint, device, zero_shot, timings
-    )
-    eval_folder = eval_data or calib_data
+    fp_model, data_config, qmodel = _load_prepared(job, timings, loaded)
+    eval_folder = job.eval_data or job.calib_data
     evalset = distributed.together(ImageFolder, eval_folder, data_config) if eval_folder is not None else None
     budget = Budget.from_config(recipe.mixed) if recipe.mixed.enabled else None
     if budget is not None:  # an impossible budget fails before synthesis or the sensitivity pass
         check_feasible(describe_layers(qmodel, recipe.mixed, q.first_last_bits), budget)
-    calib, synth_meta, batches = calibration_data(
-        fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data, timings
-    )
+    calib, synth_meta, batches = calibration_data(fp_model, data_config, job, progress, timings)
     layerwise = needs_layerwise(recipe)
     if recipe.method is not Method.RTN or recipe.mixed.enabled or layerwise:
         batches = list(batches)  # used more than once: load and preprocess the images once
     table = allocation = None
     if recipe.mixed.enabled:
         with _timed(timings, "sensitivity"):
-            table, allocation = mixed_bits(qmodel, batches, model_name, recipe, budget, sensitivity_file, progress)
+            table, allocation = mixed_bits(qmodel, batches, job.model, recipe, budget, job.sensitivity_file, progress)
     with _timed(timings, "calibrate"):
         calibrate(qmodel, batches, q, progress)  # under torchrun the ranges are computed once and shared
-    work_dir = Path(out).parent / f".{Path(out).name}.recon"  # per-layer/unit checkpoints: a rerun resumes
     if layerwise or recipe.method.reconstructs:
         batches = _share(batches)  # data-parallel: each rank works on its share of the images
-    rounding_summary, recon_summary = round_weights(qmodel, fp_model, batches, recipe, work_dir, progress, timings)
+    rounding_summary, recon_summary = round_weights(qmodel, fp_model, batches, recipe, job.work_dir, progress, timings)
     mixed = None
     if allocation is not None:
         mixed = {"budget": budget.to_dict(), **allocation.to_dict()}
     report: dict[str, Any] = {
-        "model": model_name,
+        "model": job.model,
         "weights": getattr(fp_model, "ptq_weights_source", None),
         "method": recipe.method.value,
         "w_bits": "auto" if mixed else q.w_bits,
         "a_bits": q.a_bits,
         "bit_convention": q.first_last_bits.value,
         "mixed": mixed,
-        "calibration": {
-            "data": "synthetic" if zero_shot else str(calib_data),
-            "images": len(calib),
-            "synthetic": synth_meta,
-        },
+        "calibration": {"data": job.calib_source, "images": len(calib), "synthetic": synth_meta},
         "rounding": rounding_summary,
         "reconstruction": recon_summary,
         "evaluation": None,
         "fp_evaluation": None,
-        "device": str(device),
+        "device": str(job.device),
         "processes": distributed.world().size,
     }
     if evalset is not None:
         with _timed(timings, "evaluate"):
             sums, fp_sums = run_metrics(
-                qmodel, evalset, recipe.calib.batch_size, device, fp_model, recipe.calib.workers, progress,
+                qmodel, evalset, recipe.calib.batch_size, job.device, fp_model, recipe.calib.workers, progress,
                 "compare with FP",
             )  # fmt: skip
         report["evaluation"] = {"data": str(eval_folder), "images": sums.images, **sums.summary()}
         report["fp_evaluation"] = {"top1": fp_sums.summary()["top1"], "top5": fp_sums.summary()["top5"]}
-    if not distributed.world().main:  # rank 0 writes the output and returns its report to every rank
-        return distributed.broadcast_object(None)
-    with _timed(timings, "save"), staged_dir(out, overwrite) as stage:
-        extra = {"mixed": mixed} if mixed else {}
-        meta = save_quantized(
-            qmodel, stage, model_name, q, data_config, checkpoint=str(checkpoint) if checkpoint else None, **extra
-        )
-        fp_bytes, q_bytes = fp32_weight_bytes(fp_model), (stage / WEIGHTS_FILE).stat().st_size
-        report["size"] = {"fp32_bytes": fp_bytes, "checkpoint_bytes": q_bytes, "ratio": round(q_bytes / fp_bytes, 4)}
-        report["layers"] = {"quantized": len(meta["layers"]), "bits": layer_bits(qmodel)}
-        report["timings_s"] = timings
+    fp_bytes = fp32_weight_bytes(fp_model)
+    report["layers"] = {"quantized": len(quant_layers(qmodel)), "bits": layer_bits(qmodel)}
+    report["timings_s"] = timings
+    if job.out is not None and distributed.world().main:  # rank 0 writes the output
+        with _timed(timings, "save"):
+            write_output(job.out, qmodel, job.model, recipe, data_config, report, job.overwrite, fp_bytes,
+                         job.checkpoint, table, allocation)  # fmt: skip
+        shutil.rmtree(job.work_dir, ignore_errors=True)  # the output is complete: unit checkpoints are not needed
+    else:
+        report["size"] = _size(fp_bytes, packed_bytes(qmodel))
+    return qmodel, distributed.broadcast_object(report if distributed.world().main else None)
+
+
+def write_output(
+    out: Path,
+    qmodel: nn.Module,
+    model_name: str,
+    recipe: Recipe,
+    data_config: dict,
+    report: dict[str, Any],
+    overwrite: bool = False,
+    fp_bytes: int | None = None,
+    checkpoint: Path | None = None,
+    table: SensitivityTable | None = None,
+    allocation: Allocation | None = None,
+) -> None:
+    """A `ptq quantize` output folder — packed checkpoint, quant_config.json, recipe.yaml, report.json (with the
+    checkpoint's size filled in) and, for mixed precision, the sensitivity table — written atomically."""
+    with staged_dir(out, overwrite) as stage:
+        extra = {"mixed": report["mixed"]} if report.get("mixed") else {}
+        save_quantized(
+            qmodel, stage, model_name, recipe.quant, data_config, checkpoint=str(checkpoint) if checkpoint else None,
+            **extra,
+        )  # fmt: skip
+        fp_bytes = fp_bytes if fp_bytes is not None else report.get("size", {}).get("fp32_bytes")
+        report["size"] = _size(fp_bytes, (stage / WEIGHTS_FILE).stat().st_size)
         write_text(stage / "recipe.yaml", dump_recipe(recipe))
         if table is not None:
             write_json(stage / SENSITIVITY_FILE, {"table": table.to_dict(), "chosen": allocation.to_dict()})
         write_json(stage / "report.json", report)
-    report["timings_s"] = timings
-    shutil.rmtree(work_dir, ignore_errors=True)  # the output is complete: checkpoints of units are no longer needed
-    return distributed.broadcast_object(report)
 
 
-def sensitivity(
-    model_name: str,
-    recipe: Recipe,
-    calib_data: str | Path | None,
-    out: str | Path,
-    checkpoint: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    overwrite: bool = False,
-    progress: Progress | None = None,
-    zero_shot: bool = False,
-    synth_data: str | Path | None = None,
-) -> dict[str, Any]:
+def _size(fp_bytes: int | None, q_bytes: int) -> dict[str, Any]:
+    ratio = round(q_bytes / fp_bytes, 4) if fp_bytes else None
+    return {"fp32_bytes": fp_bytes, "checkpoint_bytes": q_bytes, "ratio": ratio}
+
+
+def sensitivity(job: Job, progress: Progress | None = None) -> dict[str, Any]:
     """Per-layer sensitivity table, the Pareto front of (weight size, predicted KL) and the optimum under the
-    budget (4 average bits when none is set), written to `out/` as sensitivity.json, sensitivity.csv and
+    budget (4 average bits when none is set), written to `job.out` as sensitivity.json, sensitivity.csv and
     sensitivity.png."""
     timings: dict[str, float] = {}
+    recipe = job.recipe
     mixed = recipe.mixed if recipe.mixed.has_budget else dataclasses.replace(recipe.mixed, avg_bits=4.0)
     budget = Budget.from_config(mixed)
-    fp_model, data_config, qmodel = _load_prepared(
-        model_name, recipe, calib_data, out, overwrite, checkpoint, device, zero_shot, timings
-    )
+    fp_model, data_config, qmodel = _load_prepared(job, timings, None)
     check_feasible(describe_layers(qmodel, mixed, recipe.quant.first_last_bits), budget)
-    _, synth_meta, batches = calibration_data(
-        fp_model, model_name, data_config, recipe, calib_data, device, progress, zero_shot, synth_data, timings
-    )
+    _, synth_meta, batches = calibration_data(fp_model, data_config, job, progress, timings)
     with _timed(timings, "sensitivity"):
-        table = measure_sensitivity(qmodel, batches, model_name, recipe.quant, recipe.mixed, progress)
+        table = measure_sensitivity(qmodel, batches, job.model, recipe.quant, recipe.mixed, progress)
     with _timed(timings, "allocate"):
         chosen = allocate(table, budget)
         front = pareto_front(table)
@@ -325,14 +362,14 @@ def sensitivity(
         "chosen": chosen.to_dict(),
         "uniform": {b: evaluate(table, table.uniform_bits(b)).to_dict() for b in table.candidates},
         "pareto_front": [{k: v for k, v in a.to_dict().items() if k != "bits"} for a in front],
-        "calibration": {"data": "synthetic" if zero_shot else str(calib_data), "images": table.images},
+        "calibration": {"data": job.calib_source, "images": table.images},
         "synthetic": synth_meta,
         "timings_s": timings,
-        "device": str(device),
+        "device": str(job.device),
     }
     if not distributed.world().main:  # every rank measured the same table; rank 0 writes it
         return distributed.broadcast_object(None)
-    with staged_dir(out, overwrite) as stage:
+    with staged_dir(job.out, job.overwrite) as stage:
         write_json(stage / SENSITIVITY_FILE, result)
         write_text(stage / "sensitivity.csv", sensitivity_csv(table, chosen))
         plot_sensitivity(table, front, chosen, stage / "sensitivity.png")

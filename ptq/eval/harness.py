@@ -109,7 +109,7 @@ def run_metrics(
     return fold([p for part in parts for p in part])
 
 
-def _row(spec: str, kind: str) -> dict[str, Any]:
+def row_for(spec: str, kind: str) -> dict[str, Any]:
     return {f: None for f in FIELDS} | {"model": spec, "kind": kind}
 
 
@@ -143,39 +143,59 @@ def evaluate_one(
     rank must call this for the same `spec`: the ranks' results meet once, whether or not they failed."""
     quantized = (Path(spec) / CONFIG_FILE).is_file()
     onnx_file = Path(spec).suffix == ".onnx"
-    row = _row(spec, "onnx" if onnx_file else "quantized" if quantized else "fp")
-    start = time.perf_counter()
-    parts, error = [], None
-    try:
+    row = row_for(spec, "onnx" if onnx_file else "quantized" if quantized else "fp")
+
+    def load() -> tuple[Any, dict, nn.Module | None]:
         if onnx_file:
             model, data_config, fp_model, row["error"] = _onnx_model(spec, device)
-        elif quantized:
+            return model, data_config, fp_model
+        if quantized:
             meta = read_quant_config(spec)
             model, data_config = load_quantized(spec, device), data_config_from(meta)
             try:
                 fp_model, _ = load_model(meta["model"], checkpoint=meta.get("checkpoint"), device=device)
             except ModelLoadError as e:  # still report accuracy; fidelity needs the parent
                 fp_model, row["error"] = None, f"FP parent unavailable, no agreement/KL/SQNR: {e}"
-        elif Path(spec).is_dir():
+            return model, data_config, fp_model
+        if Path(spec).is_dir():
             raise FileNotFoundError(
                 f"{spec} is a folder without {CONFIG_FILE}; pass a `ptq quantize` output or a timm name"
             )
-        else:
-            model, data_config = load_model(spec, device=device)
-            fp_model = None
+        model, data_config = load_model(spec, device=device)
+        return model, data_config, None
+
+    return measure(row, load, data, batch_size, device, workers, progress, shard_data)
+
+
+def measure(
+    row: dict[str, Any],
+    load: Callable[[], tuple[Any, dict, nn.Module | None]],
+    data: str | Path,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    progress: Progress | None = None,
+    shard_data: bool = False,
+) -> dict[str, Any]:
+    """Fill `row` with the metrics of the model `load()` returns (model, data config, FP parent or None) on the
+    images in `data`; any failure is recorded in the row, not raised."""
+    start = time.perf_counter()
+    parts, error = [], None
+    try:
+        model, data_config, fp_model = load()
         dataset = ImageFolder(data, data_config)
         if shard_data:
             dataset = batch_shard(dataset, batch_size)
         while True:
             try:
                 loader = make_loader(dataset, batch_size, workers, device)
-                parts = batch_metrics(model, loader, device, fp_model, progress, spec)
+                parts = batch_metrics(model, loader, device, fp_model, progress, row["model"])
                 break
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise
                 batch_size = max(1, batch_size // 2)
-                log.warning("out of memory on %s; retrying with batch size %d", spec, batch_size)
+                log.warning("out of memory on %s; retrying with batch size %d", row["model"], batch_size)
     except Exception as e:  # noqa: BLE001 - one failing model must not stop a batch evaluation
         error = f"{type(e).__name__}: {e}"
     if shard_data:
@@ -184,7 +204,7 @@ def evaluate_one(
         error = next((f"rank {r}: {e}" for r, (_, e) in enumerate(results) if e is not None), None)
     if error is not None:
         row["error"] = error
-        log.warning("%s failed: %s", spec, error)
+        log.warning("%s failed: %s", row["model"], error)
     else:
         sums, _ = fold(parts)
         row.update(sums.summary(), images=sums.images)

@@ -10,6 +10,7 @@ prepares it with the same config and dequantizes the codes; its outputs are iden
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -60,6 +61,12 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
         state[f"{name}.weight_quantizer.zero_point"] = q.zero_point.detach().cpu().to(torch.uint8)
         layers[name] = {"bits": q.bits, "shape": list(w.shape)}
     return state, layers
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors `save_quantized` would store (the file adds a small header)."""
+    state, _ = quantized_state(model)
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def _quantizer_states(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -120,8 +127,12 @@ def data_config_from(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
 
 
-def load_quantized(folder: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild a quantized model saved by `save_quantized`; its outputs equal those of the model that was saved."""
+def load_quantized(
+    folder: str | Path, device: torch.device | str = "cpu", architecture: nn.Module | None = None
+) -> nn.Module:
+    """Rebuild a quantized model saved by `save_quantized`; its outputs equal those of the model that was saved.
+    `architecture`: an FP model of the saved architecture (its weights are not used), for models timm cannot
+    create by name."""
     folder = Path(folder)
     meta = read_quant_config(folder)
     try:
@@ -129,9 +140,15 @@ def load_quantized(folder: str | Path, device: torch.device | str = "cpu") -> nn
         kwargs = {"num_classes": meta["num_classes"]} if meta.get("num_classes") is not None else {}
         example = torch.zeros(meta["example_shape"])
         kwargs["in_chans"] = example.shape[1]
-        model = timm.create_model(meta["model"], pretrained=False, **kwargs)
+        if architecture is not None:
+            model = copy.deepcopy(architecture).cpu().eval()
+        else:
+            model = timm.create_model(meta["model"], pretrained=False, **kwargs)
     except (KeyError, ConfigError, RuntimeError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE} does not describe a model this ptq can build: {e}") from None
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE} does not describe a model this ptq can build: {e}; for a model timm does not "
+            "know, pass the FP model it was made from (ptq.load_quantized(folder, model=...))"
+        ) from None
     qmodel = prepare(model, config, example)
     try:
         stored = load_file(str(folder / WEIGHTS_FILE))

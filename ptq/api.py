@@ -1,0 +1,320 @@
+"""The Python front door: `quantize`, `synthesize`, `evaluate` and `load_quantized`, on timm names or models in
+memory. The `ptq` command runs the same jobs.
+
+    import ptq, timm
+    model = timm.create_model("resnet18", pretrained=True)
+    qmodel = ptq.quantize(model, calib="zero-shot", w_bits=4, a_bits=8)
+    logits = qmodel(images)                 # called like the model it came from
+    qmodel.save("runs/resnet18-w4a8")       # the folder `ptq quantize` writes
+    again = ptq.load_quantized("runs/resnet18-w4a8")
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from ptq.config import (
+    ConfigError,
+    QuantConfig,
+    Recipe,
+    bit_values,
+    build_config,
+    keyword_names,
+    load_recipe,
+    with_values,
+)
+from ptq.export import checkpoint as _checkpoint
+from ptq.models import load_model
+
+DEFAULT_RECIPE = "fast"  # what `ptq quantize` uses without --recipe
+Progress = Callable[..., None]
+
+
+class QuantizedModel(nn.Module):
+    """A quantized model, called like the model it came from, with what made it: `name` (timm architecture),
+    `data_config` (input size, mean/std, crop), `recipe` (None when loaded from a folder) and `report` (timings,
+    sizes, fidelity: what `report.json` holds)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        data_config: dict,
+        recipe: Recipe | None = None,
+        report: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+    ):
+        super().__init__()
+        self.module = module
+        self.name = name
+        self.data_config = data_config
+        self.recipe = recipe
+        self.report = report or {}
+        self.checkpoint = checkpoint
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @property
+    def bits(self) -> dict[str, dict[str, int | None]]:
+        """Per quantized layer: weight bits and input-quantizer bits."""
+        from ptq.quant.prepare import layer_bits
+
+        return layer_bits(self.module)
+
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write the folder `ptq quantize` writes (packed checkpoint, quant_config.json, recipe.yaml, report.json),
+        atomically; an existing non-empty folder is replaced only with `overwrite`."""
+        from ptq._io import check_output_dir
+        from ptq.pipeline import write_output
+
+        folder = Path(folder)
+        check_output_dir(folder, overwrite)
+        recipe = self.recipe or Recipe(quant=build_config(QuantConfig, self.module.quant_meta["quant"], "quant."))
+        write_output(
+            folder, self.module, self.name, recipe, self.data_config, dict(self.report), overwrite,
+            checkpoint=self.checkpoint,
+        )  # fmt: skip
+        return folder
+
+
+def _name_of(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def _data_config_of(model: nn.Module, data_config: dict | None) -> dict:
+    if data_config is not None:
+        if "input_size" not in data_config:
+            raise ConfigError("data_config needs at least input_size, e.g. {'input_size': (3, 224, 224)}")
+        from timm.data import resolve_data_config
+
+        return resolve_data_config(args=dict(data_config), model=model)
+    if not getattr(model, "pretrained_cfg", None):
+        raise ConfigError(
+            f"{type(model).__name__} is not a timm model, so its input is unknown: pass data_config="
+            "{'input_size': (3, H, W), 'mean': (...), 'std': (...)}"
+        )
+    from timm.data import resolve_model_data_config
+
+    return resolve_model_data_config(model)
+
+
+def _images(calib: torch.Tensor | Iterable, limit: int) -> Dataset:
+    """Preprocessed images from a tensor (N, C, H, W) or an iterable of batches (tensors, or tuples whose first
+    element is the images, as a DataLoader of (image, label) yields); at most `limit` are read."""
+    if isinstance(calib, torch.Tensor):
+        if calib.ndim != 4:
+            raise ConfigError(f"calibration images must be a (N, C, H, W) tensor, got shape {tuple(calib.shape)}")
+        images = calib[:limit]
+    else:
+        parts, count = [], 0
+        for batch in calib:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                raise ConfigError("a calibration loader must yield image batches (N, C, H, W) or (images, labels)")
+            parts.append(x[: limit - count].cpu())
+            count += parts[-1].shape[0]
+            if count >= limit:
+                break
+        if not parts:
+            raise ConfigError("the calibration loader yielded no images")
+        images = torch.cat(parts)
+    return TensorDataset(images.float().cpu(), torch.full((images.shape[0],), -1))
+
+
+def _recipe(recipe: str | Path | Recipe, zero_shot: bool, overrides: dict[str, Any]) -> Recipe:
+    """The recipe with the keyword overrides applied as typed values (see `keyword_names`): `bits`, `w_bits` and
+    `a_bits` as on the command line (`"auto"` for mixed precision), `num_images` for the synthetic set (zero-shot)
+    or the calibration subset."""
+    base = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+    overrides = dict(overrides)
+    values = bit_values(overrides.pop("bits", None), overrides.pop("w_bits", None), overrides.pop("a_bits", None))
+    num_images = overrides.pop("num_images", None)
+    if num_images is not None:
+        values["synth.num_images" if zero_shot else "calib.num_images"] = num_images
+    names = keyword_names()
+    for key, value in overrides.items():
+        if key not in names:
+            close = sorted(n for n in names if key in n or n in key)[:4]
+            hint = f"; did you mean {', '.join(close)}" if close else "; ptq.keyword_names() lists them"
+            raise ConfigError(f"unknown option {key!r}{hint}")
+        values[names[key]] = value
+    return with_values(base, values)
+
+
+def quantize(
+    model: str | nn.Module,
+    calib: str | Path | torch.Tensor | Iterable,
+    *,
+    recipe: str | Path | Recipe = DEFAULT_RECIPE,
+    data_config: dict | None = None,
+    eval_data: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> QuantizedModel:
+    """Quantize `model` (a timm name, or any timm model or CNN in memory; the original is left untouched).
+
+    `calib`: a folder of images (preprocessed with the model's data config), a tensor of preprocessed images
+    (N, C, H, W), a DataLoader (or any iterable) of such batches, or `"zero-shot"` to synthesize images from the
+    model's BatchNorm statistics. `recipe`: a shipped recipe's name, a YAML file or a `Recipe`; `overrides` set
+    recipe values by keyword, typed and checked like a recipe file: `bits`, `w_bits`, `a_bits` (`"auto"`: weight
+    bits per layer under `mixed_size_budget` / `mixed_avg_bits`), `method`, `num_images`, any quantization field by
+    name (`bias_correction="analytic"`) and any other as `section_field` (`synth_iters=200`, `recon_iters=2000`).
+    `data_config` is needed for a model that is not from timm. With `out`, the output folder is written as by
+    `ptq quantize` and an interrupted run resumes when called again; `eval_data` adds an FP-vs-quantized report.
+    """
+    from ptq.pipeline import Job
+    from ptq.pipeline import quantize as run_job
+
+    zero_shot = isinstance(calib, str) and calib == "zero-shot"
+    resolved = _recipe(recipe, zero_shot, overrides)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    folder = images = None
+    if isinstance(calib, (str, Path)) and not zero_shot:
+        folder = Path(calib)
+    elif not zero_shot:
+        images = _images(calib, resolved.calib.num_images)
+    if isinstance(model, str):
+        name, loaded = model, load_model(model, checkpoint=checkpoint, device=device)
+    elif isinstance(model, nn.Module):
+        if checkpoint is not None:
+            raise ConfigError("checkpoint= loads weights for a timm name; load them into the model you pass instead")
+        name = _name_of(model)
+        fp = copy.deepcopy(model).eval().to(device)
+        fp.ptq_weights_source = "in-memory model"
+        loaded = (fp, _data_config_of(model, data_config))
+    else:
+        raise ConfigError(f"model must be a timm name or an nn.Module, got {type(model).__name__}")
+    job = Job(
+        name, resolved, calib_data=folder, images=images, zero_shot=zero_shot, eval_data=eval_data, out=out,
+        checkpoint=checkpoint, device=device, overwrite=overwrite,
+    )  # fmt: skip
+    qmodel, report = run_job(job, progress, loaded)
+    return QuantizedModel(qmodel, name, loaded[1], resolved, report, str(checkpoint) if checkpoint else None)
+
+
+def synthesize(
+    model: str | nn.Module,
+    num_images: int = 64,
+    *,
+    method: str | None = None,
+    recipe: str | Path | Recipe = DEFAULT_RECIPE,
+    data_config: dict | None = None,
+    out: str | Path | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> torch.Tensor:
+    """`num_images` calibration images synthesized from the model's BatchNorm statistics (preprocessed, as the
+    model takes them), with the recipe's synthesis settings (`method`: intraq, genie, ...; `synth_iters=`,
+    `synth_lr=`, ...). The set is kept in `out` or in the cache, keyed by model, weights and settings: a second
+    call returns it at once and an interrupted one resumes."""
+    from ptq.pipeline import default_synth_dir
+    from ptq.synth import SyntheticSet
+    from ptq.synth import synthesize as run_synthesis
+
+    if method is not None:
+        overrides["synth_method"] = method
+    resolved = _recipe(recipe, True, {"num_images": num_images, **overrides})
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(model, str):
+        name = model
+        fp, config = load_model(model, device=device)
+    else:
+        name, fp, config = _name_of(model), copy.deepcopy(model).eval().to(device), _data_config_of(model, data_config)
+    from ptq.models import weights_digest
+
+    folder = Path(out) if out is not None else default_synth_dir(name, config, resolved, weights_digest(fp))
+    run_synthesis(fp, name, config, resolved.synth, folder, device, None, False, progress)
+    return SyntheticSet(folder).images[:num_images]
+
+
+@dataclasses.dataclass
+class Result:
+    """One evaluated model: accuracy against labels (when the folder has class folders), and, for quantized
+    models, top-1 agreement, KL(FP‖Q) and logit SQNR against the FP model; `error` when it could not run."""
+
+    model: str
+    kind: str
+    top1: float | None = None
+    top5: float | None = None
+    agreement: float | None = None
+    kl: float | None = None
+    sqnr_db: float | None = None
+    images: int | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+
+def evaluate(
+    models: str | Path | nn.Module | list,
+    data: str | Path,
+    *,
+    batch_size: int = 32,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> list[Result]:
+    """Evaluate models side by side on a folder of images, each with its own preprocessing: timm names (wildcards
+    expand), `ptq quantize` output folders and exported `.onnx` files (compared with their FP parent), and models in
+    memory. A `QuantizedModel` is compared with its architecture's pretrained (or `checkpoint`) weights, or with
+    the FP model given with it as a pair `(qmodel, fp_model)`; any other module is evaluated as it is."""
+    from ptq.data import find_images
+    from ptq.eval.harness import evaluate as run_specs
+    from ptq.eval.harness import measure, row_for
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    find_images(data)
+    items = models if isinstance(models, list) else [models]
+    results = []
+    for item in items:
+        if isinstance(item, (str, Path)):
+            rows = run_specs([str(item)], data, batch_size, device, progress=progress)
+        else:
+            model, fp_model = item if isinstance(item, tuple) else (item, None)
+            if isinstance(model, QuantizedModel):
+                name, kind, config = model.name, "quantized", model.data_config
+                if fp_model is None:
+                    fp_model, _ = load_model(model.name, checkpoint=model.checkpoint, device=device)
+                    fp_model.eval()
+            elif isinstance(model, nn.Module):
+                name, kind, config = _name_of(model), "fp", _data_config_of(model, None)
+            else:
+                raise ConfigError(f"cannot evaluate a {type(model).__name__}: pass names, folders, files or modules")
+            module = model.to(device).eval()
+            fp = fp_model.to(device).eval() if fp_model is not None else None
+            rows = [measure(row_for(name, kind), lambda m=module, c=config, f=fp: (m, c, f), data, batch_size,
+                            device, progress=progress)]  # fmt: skip
+        results += [Result(**row) for row in rows]
+    return results
+
+
+def load_quantized(
+    folder: str | Path, device: str | torch.device = "cpu", model: nn.Module | None = None
+) -> QuantizedModel:
+    """A folder written by `ptq quantize` (or `QuantizedModel.save`) as a `QuantizedModel`; its outputs equal the
+    saved model's. `model`: the FP architecture to rebuild on, for a model that is not from timm."""
+    import json
+
+    folder = Path(folder)
+    module = _checkpoint.load_quantized(folder, device, architecture=model)
+    meta = module.quant_meta
+    report_file = folder / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    recipe_file = folder / "recipe.yaml"
+    recipe = load_recipe(str(recipe_file)) if recipe_file.is_file() else None
+    return QuantizedModel(
+        module, meta["model"], _checkpoint.data_config_from(meta), recipe, report, meta.get("checkpoint")
+    )
