@@ -101,6 +101,39 @@ def user_errors(on_interrupt: str = "nothing was written to the output folder"):
         raise typer.Exit(code=130) from None
 
 
+class PlainProgress:
+    """Progress as plain lines, for output that is not a terminal: a line when a stage starts and when it ends,
+    and in between one per step (unit, batch) but at most one per `every` seconds, with elapsed time and ETA."""
+
+    def __init__(self, write, every: float = 10.0, clock=time.monotonic):
+        self.write, self.every, self.clock = write, every, clock
+        self.tasks: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, label: str, done: int, total: int | None, note: str | None = None) -> None:
+        now = self.clock()
+        task = self.tasks.get(label)
+        if task is None:
+            task = self.tasks[label] = {"start": now, "last": None, "done": None}
+        if done == task["done"]:
+            return
+        task["done"] = done
+        finished = total is not None and done >= total
+        if not finished and task["last"] is not None and now - task["last"] < self.every:
+            return
+        task["last"] = now
+        elapsed = now - task["start"]
+        eta = elapsed / done * (total - done) if done and total and not finished else None
+        parts = [f"{label}: {done}/{total if total is not None else '?'}", f"elapsed {_clock(elapsed)}"]
+        parts += [f"eta {_clock(eta)}"] if eta is not None else []
+        parts += [note] if note else []
+        self.write(" ".join(parts) + (" done" if finished else ""))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 @contextmanager
 def progress_bars():
     """A rich progress display and the `progress(label, done, total, note=None)` callback that feeds it."""
@@ -115,6 +148,9 @@ def progress_bars():
     )
     if not distributed.world().main:  # under torchrun, rank 0 shows its progress
         yield lambda *args, **kwargs: None
+        return
+    if not err_console.is_terminal:  # a log file, a batch job, CI: plain lines, not a redrawn display
+        yield PlainProgress(lambda line: print(line, file=sys.stderr, flush=True))
         return
     with Progress(*columns, console=err_console, transient=False) as bars:
         tasks: dict[str, Any] = {}

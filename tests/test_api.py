@@ -40,6 +40,7 @@ def test_command_and_python_write_the_same_checkpoint(tmp_path, tiny):
             "--bits", "4", "--set", "calib.num_images=16", "--out", str(tmp_path / "cli")]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "ptq.cli", *args], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
+    assert re.search(r"^activation ranges: \d+/\d+ elapsed \d:\d\d:\d\d done$", done.stderr, re.M), done.stderr
     qmodel = ptq.quantize(
         "test_resnet", calib=SAMPLES, checkpoint=weights, recipe="rtn", bits=4, calib_num_images=16, device="cpu"
     )

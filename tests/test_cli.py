@@ -317,3 +317,21 @@ def test_the_default_recipe_is_gptq_with_bias_correction_on_a_synthetic_set_a_cp
     assert report["rounding"]["rounding"] == "gptq" and report["rounding"]["bias_correction"] == "empirical"
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["synth"]["num_images"] * recipe["synth"]["iters"] <= 64 * 100
+
+
+def test_progress_without_a_terminal_is_plain_lines_with_eta():
+    """Redirected output (a log file, a batch job) gets a line per stage start and end and at most one per
+    10 s in between, each with elapsed time and ETA."""
+    from ptq.cli import PlainProgress
+
+    now, lines = [0.0], []
+    progress = PlainProgress(lines.append, every=10, clock=lambda: now[0])
+    for step in range(6):
+        now[0] = step * 4.0
+        progress("reconstruct", step, 5, note=f"unit {step}")
+        progress("reconstruct", step, 5)  # a repeated value writes nothing
+    assert lines == [
+        "reconstruct: 0/5 elapsed 0:00:00 unit 0",
+        "reconstruct: 3/5 elapsed 0:00:12 eta 0:00:08 unit 3",
+        "reconstruct: 5/5 elapsed 0:00:20 unit 5 done",
+    ]
