@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ptq.config import load_recipe
-from ptq.pipeline import Job, quantize
+import ptq
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [  # (label, w_bits, a_bits, bit convention)
@@ -40,13 +38,13 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
     rows = []
     for label, w, a, convention in SETTINGS:
-        recipe = load_recipe("rtn", [f"quant.w_bits={w}", f"quant.a_bits={a}", f"quant.first_last_bits={convention}"])
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            _, report = quantize(
-                Job(args.model, recipe, calib_data=args.data, out=Path(tmp) / "out", device=args.device)
-            )
-            wall = time.perf_counter() - start
+        start = time.perf_counter()
+        qmodel = ptq.quantize(
+            args.model, calib=args.data, recipe="rtn", w_bits=w, a_bits=a, first_last_bits=convention,
+            device=args.device,
+        )  # fmt: skip
+        wall = time.perf_counter() - start
+        report = qmodel.report.to_dict()
         ev = report["evaluation"]
         rows.append(
             {

@@ -11,16 +11,20 @@ they are made of (`prepare`, `calibrate`, ...) stay importable for custom pipeli
 
 from ptq.api import QuantizedModel, Result, evaluate, load_quantized, quantize, synthesize
 from ptq.config import ConfigError, QuantConfig, Recipe, keyword_names, load_recipe
+from ptq.errors import PtqError
 from ptq.export import save_quantized
 from ptq.models import load_model
 from ptq.quant import calibrate, prepare, set_quant_state
+from ptq.report import Report
 
 __version__ = "0.1.0"
 __all__ = [
     "ConfigError",
+    "PtqError",
     "QuantConfig",
     "QuantizedModel",
     "Recipe",
+    "Report",
     "Result",
     "calibrate",
     "evaluate",

@@ -10,8 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ptq.errors import PtqError
 
-class OutputError(RuntimeError):
+
+class OutputError(PtqError, RuntimeError):
     """The output location cannot be used; the message says how to fix it."""
 
 

@@ -33,6 +33,7 @@ from ptq.config import (
 )
 from ptq.export import checkpoint as _checkpoint
 from ptq.models import load_model
+from ptq.report import Report
 
 DEFAULT_RECIPE = "fast"  # what `ptq quantize` uses without --recipe
 Progress = Callable[..., None]
@@ -40,8 +41,8 @@ Progress = Callable[..., None]
 
 class QuantizedModel(nn.Module):
     """A quantized model, called like the model it came from, with what made it: `name` (timm architecture),
-    `data_config` (input size, mean/std, crop), `recipe` (None when loaded from a folder) and `report` (timings,
-    sizes, fidelity: what `report.json` holds)."""
+    `data_config` (input size, mean/std, crop), `recipe` and `report` (a `Report`: timings, sizes, fidelity, what
+    `report.json` holds; None for a folder saved without one)."""
 
     def __init__(
         self,
@@ -49,7 +50,7 @@ class QuantizedModel(nn.Module):
         name: str,
         data_config: dict,
         recipe: Recipe | None = None,
-        report: dict[str, Any] | None = None,
+        report: Report | None = None,
         checkpoint: str | None = None,
     ):
         super().__init__()
@@ -57,7 +58,7 @@ class QuantizedModel(nn.Module):
         self.name = name
         self.data_config = data_config
         self.recipe = recipe
-        self.report = report or {}
+        self.report = report
         self.checkpoint = checkpoint
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -79,11 +80,15 @@ class QuantizedModel(nn.Module):
         folder = Path(folder)
         check_output_dir(folder, overwrite)
         recipe = self.recipe or Recipe(quant=build_config(QuantConfig, self.module.quant_meta["quant"], "quant."))
-        write_output(
-            folder, self.module, self.name, recipe, self.data_config, dict(self.report), overwrite,
-            checkpoint=self.checkpoint,
-        )  # fmt: skip
+        report = copy.deepcopy(self.report) if self.report is not None else self._bare_report(recipe)
+        write_output(folder, self.module, self.name, recipe, self.data_config, report, overwrite,
+                     checkpoint=self.checkpoint)  # fmt: skip
         return folder
+
+    def _bare_report(self, recipe: Recipe) -> Report:
+        q = recipe.quant
+        return Report(model=self.name, weights=None, method=recipe.method.value, w_bits=q.w_bits, a_bits=q.a_bits,
+                      bit_convention=q.first_last_bits.value, calibration={}, device="cpu")  # fmt: skip
 
 
 def _name_of(model: nn.Module) -> str:
@@ -312,7 +317,7 @@ def load_quantized(
     module = _checkpoint.load_quantized(folder, device, architecture=model)
     meta = module.quant_meta
     report_file = folder / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    report = Report.from_dict(json.loads(report_file.read_text())) if report_file.is_file() else None
     recipe_file = folder / "recipe.yaml"
     recipe = load_recipe(str(recipe_file)) if recipe_file.is_file() else None
     return QuantizedModel(

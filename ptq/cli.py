@@ -23,9 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ptq import distributed
-from ptq._io import OutputError, write_text
+from ptq._io import write_text
 from ptq.config import (
-    ConfigError,
     Method,
     SynthMethod,
     bit_values,
@@ -34,13 +33,7 @@ from ptq.config import (
     recipe_names,
     with_values,
 )
-from ptq.data import DataError
-from ptq.distributed import DistributedError
-from ptq.export.checkpoint import CheckpointError
-from ptq.export.onnx import ExportError
-from ptq.mixed.allocate import AllocationError
-from ptq.models import ModelLoadError
-from ptq.synth.synthesizer import SynthError
+from ptq.errors import PtqError
 
 app = typer.Typer(
     name="ptq",
@@ -52,17 +45,7 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 DEFAULT_RECIPE = "fast"  # what `ptq quantize` uses without --recipe
-USER_ERRORS = (
-    DistributedError,
-    ConfigError,
-    ModelLoadError,
-    DataError,
-    OutputError,
-    CheckpointError,
-    SynthError,
-    AllocationError,
-    ExportError,
-)
+USER_ERRORS = (PtqError,)  # every error ptq explains in one line
 
 
 def fail(message: str, shared: bool = False, code: int = 2) -> None:
@@ -353,7 +336,7 @@ def quantize(
                 overwrite=overwrite,
             )  # fmt: skip
             _, report = run_quantize(job, progress)
-    _print_quantize_report(report, out)
+    _print_quantize_report(report.to_dict(), out)
     if export is not None and distributed.world().main:
         with user_errors(f"the checkpoint in {out} is complete; `ptq export {out}` retries the export"):
             from ptq.export.onnx import export_onnx

@@ -17,13 +17,15 @@ from typing import Any
 
 import yaml
 
+from ptq.errors import PtqError
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 RECIPE_VERSION = 1
 MIN_BITS, MAX_BITS = 2, 8
 HIGH_BITS = 8  # first/last layers under the brecq and qdrop conventions
 
 
-class ConfigError(ValueError):
+class ConfigError(PtqError, ValueError):
     """A recipe, override or option is invalid; the message says what is allowed."""
 
 

@@ -17,11 +17,13 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ptq.errors import PtqError
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
 SYNSET = re.compile(r"^n\d{8}$")
 
 
-class DataError(RuntimeError):
+class DataError(PtqError, RuntimeError):
     """The data folder is missing, empty or unreadable; the message says how to fix it."""
 
 

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ptq.errors import PtqError
+
 TIMEOUT_ENV = "PTQ_DIST_TIMEOUT"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(PtqError, RuntimeError):
     """The environment describes a process group that cannot be joined as asked; the message says why."""
 
 

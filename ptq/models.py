@@ -27,6 +27,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from ptq._io import atomic_path
+from ptq.errors import PtqError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ LITE_PACKAGES = {
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PtqError, RuntimeError):
     """The model cannot be created or its weights cannot be found; the message says how to fix it."""
 
 

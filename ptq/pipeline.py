@@ -53,6 +53,7 @@ from ptq.recon.analytic import analytic_input_means
 from ptq.recon.engine import fp_reference
 from ptq.recon.layerwise import Rounding, round_layers
 from ptq.recon.run import reconstruct
+from ptq.report import Report
 from ptq.synth import SynthError, SyntheticSet, class_statistics, synthesize
 from ptq.synth.run import fingerprint as synth_fingerprint
 from ptq.synth.shards import META_FILE
@@ -238,7 +239,7 @@ def _load_prepared(
 
 def quantize(
     job: Job, progress: Progress | None = None, loaded: tuple[nn.Module, dict] | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, Report]:
     """PTQ of a timm model (or `loaded`, a model already in memory with its data config) calibrated on real images
     or (zero-shot) on synthesized ones: round-to-nearest, GPTQ and/or bias correction, then, for
     adaround/brecq/qdrop, reconstruction of every unit (resumable when the job has an output folder). With
@@ -269,40 +270,38 @@ def quantize(
     mixed = None
     if allocation is not None:
         mixed = {"budget": budget.to_dict(), **allocation.to_dict()}
-    report: dict[str, Any] = {
-        "model": job.model,
-        "weights": getattr(fp_model, "ptq_weights_source", None),
-        "method": recipe.method.value,
-        "w_bits": "auto" if mixed else q.w_bits,
-        "a_bits": q.a_bits,
-        "bit_convention": q.first_last_bits.value,
-        "mixed": mixed,
-        "calibration": {"data": job.calib_source, "images": len(calib), "synthetic": synth_meta},
-        "rounding": rounding_summary,
-        "reconstruction": recon_summary,
-        "evaluation": None,
-        "fp_evaluation": None,
-        "device": str(job.device),
-        "processes": distributed.world().size,
-    }
+    report = Report(
+        model=job.model,
+        weights=getattr(fp_model, "ptq_weights_source", None),
+        method=recipe.method.value,
+        w_bits="auto" if mixed else q.w_bits,
+        a_bits=q.a_bits,
+        bit_convention=q.first_last_bits.value,
+        mixed=mixed,
+        calibration={"data": job.calib_source, "images": len(calib), "synthetic": synth_meta},
+        rounding=rounding_summary,
+        reconstruction=recon_summary,
+        device=str(job.device),
+        processes=distributed.world().size,
+    )
     if evalset is not None:
         with _timed(timings, "evaluate"):
             sums, fp_sums = run_metrics(
                 qmodel, evalset, recipe.calib.batch_size, job.device, fp_model, recipe.calib.workers, progress,
                 "compare with FP",
             )  # fmt: skip
-        report["evaluation"] = {"data": str(eval_folder), "images": sums.images, **sums.summary()}
-        report["fp_evaluation"] = {"top1": fp_sums.summary()["top1"], "top5": fp_sums.summary()["top5"]}
+        report.evaluation = {"data": str(eval_folder), "images": sums.images, **sums.summary()}
+        report.fp_evaluation = {"top1": fp_sums.summary()["top1"], "top5": fp_sums.summary()["top5"]}
     fp_bytes = fp32_weight_bytes(fp_model)
-    report["layers"] = {"quantized": len(quant_layers(qmodel)), "bits": layer_bits(qmodel)}
-    report["timings_s"] = timings
+    report.layers = {"quantized": len(quant_layers(qmodel)), "bits": layer_bits(qmodel)}
+    report.timings_s = timings
     if job.out is not None and distributed.world().main:  # rank 0 writes the output
         with _timed(timings, "save"):
             write_output(job.out, qmodel, job.model, recipe, data_config, report, job.overwrite, fp_bytes,
                          job.checkpoint, table, allocation)  # fmt: skip
         shutil.rmtree(job.work_dir, ignore_errors=True)  # the output is complete: unit checkpoints are not needed
     else:
-        report["size"] = _size(fp_bytes, packed_bytes(qmodel))
+        report.size = _size(fp_bytes, packed_bytes(qmodel))
     return qmodel, distributed.broadcast_object(report if distributed.world().main else None)
 
 
@@ -312,7 +311,7 @@ def write_output(
     model_name: str,
     recipe: Recipe,
     data_config: dict,
-    report: dict[str, Any],
+    report: Report,
     overwrite: bool = False,
     fp_bytes: int | None = None,
     checkpoint: Path | None = None,
@@ -322,17 +321,17 @@ def write_output(
     """A `ptq quantize` output folder — packed checkpoint, quant_config.json, recipe.yaml, report.json (with the
     checkpoint's size filled in) and, for mixed precision, the sensitivity table — written atomically."""
     with staged_dir(out, overwrite) as stage:
-        extra = {"mixed": report["mixed"]} if report.get("mixed") else {}
+        extra = {"mixed": report.mixed} if report.mixed else {}
         save_quantized(
             qmodel, stage, model_name, recipe.quant, data_config, checkpoint=str(checkpoint) if checkpoint else None,
             **extra,
         )  # fmt: skip
-        fp_bytes = fp_bytes if fp_bytes is not None else report.get("size", {}).get("fp32_bytes")
-        report["size"] = _size(fp_bytes, (stage / WEIGHTS_FILE).stat().st_size)
+        fp_bytes = fp_bytes if fp_bytes is not None else (report.size or {}).get("fp32_bytes")
+        report.size = _size(fp_bytes, (stage / WEIGHTS_FILE).stat().st_size)
         write_text(stage / "recipe.yaml", dump_recipe(recipe))
         if table is not None:
             write_json(stage / SENSITIVITY_FILE, {"table": table.to_dict(), "chosen": allocation.to_dict()})
-        write_json(stage / "report.json", report)
+        write_json(stage / "report.json", report.to_dict())
 
 
 def _size(fp_bytes: int | None, q_bytes: int) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def test_in_memory_model_tensor_or_loader_and_reload(tmp_path, tiny, images):
     qmodel = ptq.quantize(tiny, calib=images, recipe="rtn", w_bits=4, a_bits=8, data_config=SIZE, device="cpu")
     assert isinstance(qmodel, ptq.QuantizedModel) and qmodel.name == "test_resnet"
     assert {v["w_bits"] for v in qmodel.bits.values()} == {4, 8}  # first/last at 8 (qdrop convention)
-    assert qmodel.report["calibration"] == {"data": "in-memory images", "images": 24, "synthetic": None}
+    assert qmodel.report.calibration == {"data": "in-memory images", "images": 24, "synthetic": None}
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(24)), batch_size=10)
     again = ptq.quantize(tiny, calib=loader, recipe="rtn", w_bits=4, a_bits=8, data_config=SIZE, device="cpu")
     x = images[:4]
@@ -72,7 +72,7 @@ def test_in_memory_model_tensor_or_loader_and_reload(tmp_path, tiny, images):
     loaded = ptq.load_quantized(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
-    assert loaded.recipe.quant.w_bits == 4 and loaded.report["w_bits"] == 4
+    assert loaded.recipe.quant.w_bits == 4 and loaded.report.w_bits == 4 and loaded.report.size["ratio"] < 0.3
 
 
 def test_a_model_timm_does_not_know(tmp_path, images):
@@ -116,7 +116,7 @@ def test_synthesize_and_evaluate(tmp_path, tiny):
                                       out=tmp_path / "synth", device="cpu"), images)  # fmt: skip  # reused
     qmodel = ptq.quantize(tiny, calib="zero-shot", recipe="rtn", bits=8, synth_iters=2, num_images=8,
                           synth_batch_size=8, data_config=SIZE, device="cpu")  # fmt: skip
-    assert qmodel.report["calibration"]["data"] == "synthetic" and qmodel.report["calibration"]["images"] == 8
+    assert qmodel.report.calibration["data"] == "synthetic" and qmodel.report.calibration["images"] == 8
     rows = ptq.evaluate([(qmodel, tiny), tiny], SAMPLES, device="cpu")
     assert [r.kind for r in rows] == ["quantized", "fp"] and all(r.error is None for r in rows)
     assert rows[0].images == len(ImageFolder(SAMPLES, qmodel.data_config)) and rows[0].sqnr_db > 10

@@ -24,6 +24,7 @@ from torch import nn
 
 from ptq._io import atomic_path, write_json
 from ptq.config import ConfigError, QuantConfig, build_config, to_plain
+from ptq.errors import PtqError
 from ptq.export.packing import pack, packed_size, unpack
 from ptq.quant.functional import channel_view, dequantize_codes, quantize_codes
 from ptq.quant.modules import Quantizer, quant_layers
@@ -35,7 +36,7 @@ CONFIG_FILE = "quant_config.json"
 PACKED = ".packed"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PtqError, RuntimeError):
     """A quantized checkpoint folder is missing, corrupt or from an incompatible version."""
 
 

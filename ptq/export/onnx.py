@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ptq._io import atomic_path
+from ptq.errors import PtqError
 from ptq.quant.functional import channel_view, quantize_codes, sqnr_db
 from ptq.quant.modules import ActQuantizer, OutputQuant, Quantizer, QuantLayer, quant_layers
 
@@ -62,7 +63,7 @@ META_KEY = "ptq"  # metadata_props key holding the JSON below
 EXTERNAL_DATA_BYTES = 2_000_000_000  # protobuf's 2 GB limit: beyond it the initializers go to model.onnx.data
 
 
-class ExportError(RuntimeError):
+class ExportError(PtqError, RuntimeError):
     """The model cannot be exported or the exported file does not compute what ptq computes."""
 
 

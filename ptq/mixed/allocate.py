@@ -22,11 +22,12 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
 from ptq.config import HIGH_BITS, MixedConfig, parse_count, parse_size
+from ptq.errors import PtqError
 from ptq.mixed.sensitivity import LayerSensitivity, SensitivityTable
 from ptq.quant.modules import quant_layers
 
 
-class AllocationError(ValueError):
+class AllocationError(PtqError, ValueError):
     """No allocation meets the budget; the message names the smallest feasible one."""
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from ptq import distributed
 from ptq._io import atomic_path
 from ptq.config import ActSteps, ConfigError, Method, ReconConfig, to_plain
+from ptq.errors import PtqError
 from ptq.quant.modules import ActQuantizer
 from ptq.recon.engine import Settings, collect, fp_reference, reconstruct_unit, total_iters, unit_error
 from ptq.recon.units import Unit, find_units
@@ -41,7 +42,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DEVICE_SHARE = 0.5  # the cache may take this share of the device's free memory; the rest is for the unit's training
 
 
-class ReconError(RuntimeError):
+class ReconError(PtqError, RuntimeError):
     """Reconstruction cannot run as configured; the message says how to fix it."""
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptq.config import SynthConfig, SynthMethod
+from ptq.errors import PtqError
 from ptq.synth.augment import random_resized_crop
 from ptq.synth.generator import Generator, swing_convolutions
 from ptq.synth.losses import (
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 BN_METHODS = ", ".join(m.value for m in SynthMethod)
 
 
-class SynthError(RuntimeError):
+class SynthError(PtqError, RuntimeError):
     """Synthesis cannot run as asked; the message says why and what to do instead."""
 
 
