@@ -11,7 +11,7 @@ lite0: tf_efficientnet_lite0 (real ImageNet weights), zero-shot (intraq), W8A8, 
 KL and logit SQNR against FP on the 66 sample photos.
 
 fmnist synthesizes its IntraQ set at pixel lr 0.1 (`--synth-lr`): at the published 0.5 batches of the 28² model
-diverge or stall (README, Zero-shot data synthesis); FDDA keeps 0.5.
+diverge or stall (docs/synthesis.md); FDDA keeps 0.5.
 The bit convention is the project default (`qdrop`: first/last layer weights 8-bit). Synthetic sets are made with the
 product's resumable synthesizer and kept in the cache folder; every finished cell is written to the JSON at once and
 skipped when the command is rerun, so an interrupted run resumes; runs with different `--methods`/`--settings` may

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,28 +27,24 @@ from ptq.data import ImageFolder
 from ptq.eval.metrics import MetricSums
 from ptq.models import load_model
 from ptq.quant import calibrate, prepare
-from ptq.synth import Synthesizer, class_statistics
-from ptq.synth.run import batch_sizes, synthesize_batches
+from ptq.synth import SyntheticSet, class_statistics, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 METHODS = ("bns", "intraq", "fdda", "genie")
 
 
-def synthetic(model, size, method, num, batch, device, iters_scale, class_stats, seed=0):
+def synthetic(model, data_config, method, num, batch, device, iters_scale, class_stats, seed=0):
+    """A set made by the product's own resumable synthesizer (`ptq.synth.synthesize`, as `ptq synthesize` runs
+    it), in a temporary folder."""
     preset = SynthConfig(method=method)
     config = SynthConfig(
         method=method, num_images=num, batch_size=batch, seed=seed, iters=max(1, round(preset.iters * iters_scale))
     )
-    synth = Synthesizer(model, size, config, device, class_stats)
-    start = time.perf_counter()
-    batches = synthesize_batches(synth, batch_sizes(num, batch))  # IntraQ's class centres round by round
-    images = torch.cat([b.images for b in batches])
-    return images, {
-        "iters": config.iters,
-        "seconds": round(time.perf_counter() - start, 1),
-        "final_loss": batches[-1].losses,
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = synthesize(model, "benchmark", data_config, config, tmp, device, class_stats)
+        images = SyntheticSet(tmp).images.clone()
+    return images, {"iters": config.iters, "seconds": meta["seconds"], "final_loss": meta["batch_losses"][-1]}
 
 
 def quantized(model, calib: torch.Tensor, w_bits: int, a_bits: int, device, batch: int = 64):
@@ -66,13 +62,13 @@ def judge(qmodel, model, x, y, device, batch: int = 500) -> dict:
     return sums.summary()
 
 
-def sources(model, size, real_calib, real_fdda, fdda_labels, device, iters_scale, batch, methods=METHODS):
+def sources(model, data_config, real_calib, real_fdda, fdda_labels, device, iters_scale, batch, methods=METHODS):
     """Calibration sets: real, noise, and each synthesis method (FDDA joined by its real images)."""
     num = real_calib.shape[0]
-    out = {"real": (real_calib, {}), "noise": (torch.randn(num, *size), {})}
+    out = {"real": (real_calib, {}), "noise": (torch.randn(num, *data_config["input_size"]), {})}
     stats = class_statistics(model, real_fdda.to(device), None if fdda_labels is None else fdda_labels.to(device))
     for method in methods:
-        images, info = synthetic(model, size, method, num, batch, device, iters_scale, stats)
+        images, info = synthetic(model, data_config, method, num, batch, device, iters_scale, stats)
         if method == "fdda":
             images = torch.cat([images, real_fdda])
         out[method] = (images, info)
@@ -82,13 +78,14 @@ def sources(model, size, real_calib, real_fdda, fdda_labels, device, iters_scale
 
 def run_lite0(device, iters_scale, batch, methods):
     model, data_config = load_model("tf_efficientnet_lite0", device=device)
-    size = tuple(data_config["input_size"])
     photos = ImageFolder(ROOT / "data" / "samples", data_config)
     x = torch.stack([photos[i][0] for i in range(len(photos))])
     full = torch.stack([photos[i][0] for i, p in enumerate(photos.images) if p.stem.endswith("_full")])
     real = x[torch.arange(256) % len(x)]  # the 66 photos, repeated to 256
     rows = []
-    for name, (calib, info) in sources(model, size, real, full, None, device, iters_scale, batch, methods).items():
+    for name, (calib, info) in sources(
+        model, data_config, real, full, None, device, iters_scale, batch, methods
+    ).items():
         summary = judge(quantized(model, calib, 8, 8, device), model, x, None, device)
         rows.append({"source": name, "w_bits": 8, "a_bits": 8, **summary, **info})
         print(
@@ -103,7 +100,6 @@ def run_fmnist(device, iters_scale, batch, methods):
     import fashion_mnist as fm
 
     model, data_config = fm.trained(device)
-    size = tuple(data_config["input_size"])
     xtr, ytr = fm.load("train")
     xte, yte = fm.load("t10k")
     g = torch.Generator().manual_seed(0)
@@ -113,7 +109,7 @@ def run_fmnist(device, iters_scale, batch, methods):
     print(f"FP top-1 {fp_top1:.2f}%", flush=True)
     rows = []
     for name, (calib, info) in sources(
-        model, size, real, one_per_class, torch.arange(10), device, iters_scale, batch
+        model, data_config, real, one_per_class, torch.arange(10), device, iters_scale, batch
     ).items():
         for w, a in ((8, 8), (4, 8)):
             summary = judge(quantized(model, calib, w, a, device), model, xte, yte, device)

@@ -3,7 +3,12 @@ import torch
 
 from ptq.export.packing import pack, unpack
 from ptq.quant.functional import channel_view, fake_quantize, qparams_from_range, quantize_codes
-from ptq.recon.adaround import AdaRoundQuantizer, beta_at, rectified_sigmoid
+from ptq.recon.adaround import GAMMA, ZETA, AdaRoundQuantizer, beta_at
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) of AdaRound, written out here to check the fused kernels against."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
 def _setup(bits=4):

@@ -241,7 +241,7 @@ def test_cache_plan_matches_what_is_collected_and_half_precision_halves_it(digit
     units = run.units_for(qmodel, Method.QDROP, batches[0][:1])
     config = ReconConfig()
     plan = plan_cache(units, 256, config, settings_for(Method.QDROP, config), torch.device("cpu"))
-    sizes = [collect(qmodel, u, batches).nbytes() for u in units]
+    sizes = [sum(t.numel() * t.element_size() for t in collect(qmodel, u, batches)._tensors()) for u in units]
     assert plan.unit_bytes == sizes and plan.naive_bytes == sum(sizes) and plan.store.type == "cpu"
     half = ReconConfig(cache_dtype="float16")
     half_plan = plan_cache(units, 256, half, settings_for(Method.QDROP, half), torch.device("cpu"))

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from ptq.config import SynthConfig
 from ptq.synth import SynthError, Synthesizer, SyntheticSet, class_statistics, synthesize
 from ptq.synth.augment import random_resized_crop
-from ptq.synth.run import batch_sizes, synthesize_batches
+from ptq.synth.run import batch_sizes
 from ptq.synth.shards import read_shard, shard_path, write_shard
 from ptq.synth.stats import BNStatistics
 
@@ -25,7 +25,7 @@ def _gap(model, x):
     gaps = [
         ((a - b).norm() / b.norm().clamp_min(1e-3)).item()
         for ours, target in pairs
-        for a, b in zip(stats.split(ours), stats.split(target), strict=True)
+        for a, b in zip(ours.split(stats.channels, dim=-1), target.split(stats.channels, dim=-1), strict=True)
     ]
     return sum(gaps) / len(gaps)
 
@@ -367,11 +367,9 @@ def test_cached_synthetic_set_serves_the_requested_number_of_images(tmp_path, sa
     assert images(4)["images"] == 4
 
 
-def test_in_memory_batches_equal_the_written_set_and_later_rounds_use_the_class_centres(digits_model, tmp_path):
+def test_later_rounds_use_the_class_centres(digits_model, tmp_path):
     config = SynthConfig(method="intraq", num_images=16, batch_size=4, iters=3, classes=[1, 7], mdc_lower=0.9)
     meta = synthesize(digits_model, "test_resnet", DATA_CONFIG, config, tmp_path)
-    batches = synthesize_batches(Synthesizer(digits_model, SIZE, config), batch_sizes(16, 4))
-    assert torch.equal(torch.cat([b.images for b in batches]), SyntheticSet(tmp_path).images)
     assert meta["batch_losses"][0]["mdc"] == 0 < meta["batch_losses"][3]["mdc"]  # batch 0 has no centres yet
 
 

@@ -111,7 +111,7 @@ class QuantLayer(nn.Module):
         layer, weight = self.layer, self.weight_quantizer(self.layer.weight)
         kind = type(layer)
         if kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # the layer's own forward with another weight, minus the
-            return layer._conv_forward(x, weight, layer.bias)  # ~25 µs per call of swapping it in and out
+            return layer._conv_forward(x, weight, layer.bias)  # swapping the weight in and out costs per call
         if kind is nn.Linear:
             return F.linear(x, weight, layer.bias)
         return functional_call(layer, {"weight": weight}, (x,))

@@ -22,10 +22,6 @@ from ptq.quant.functional import channel_view, qrange
 ZETA, GAMMA = 1.1, -0.1
 
 
-def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-
 def init_rounding(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """⌊W/s⌋ and V such that h(V) = W/s − ⌊W/s⌋."""
     scaled = w / scale

@@ -78,9 +78,6 @@ class UnitData:
     def __len__(self) -> int:
         return self.q_inputs.shape[0]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
-
     def _tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.q_inputs, self.fp_inputs, self.targets, self.fisher) if t is not None]
 

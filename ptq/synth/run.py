@@ -25,7 +25,7 @@ from ptq._io import OutputError, atomic_path, write_json
 from ptq.config import SynthConfig, to_plain
 from ptq.models import weights_digest
 from ptq.synth.shards import META_FILE, PREVIEW_FILE, read_shard, shard_path, write_shard
-from ptq.synth.synthesizer import ClassStatistics, SynthBatch, Synthesizer
+from ptq.synth.synthesizer import ClassStatistics, Synthesizer
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int | None], None]
@@ -94,18 +94,6 @@ def rounds(num_batches: int, centred: bool) -> list[range]:
     while start < num_batches:
         out.append(range(start, min(max(2 * start, start + 1), num_batches)))
         start = out[-1].stop
-    return out
-
-
-def synthesize_batches(synth: Synthesizer, sizes: list[int]) -> list[SynthBatch]:
-    """Every batch in this process, in memory and in rounds: the images `synthesize` writes (for benchmarks)."""
-    out: list[SynthBatch] = []
-    centres = synth.empty_centres()
-    for batches in rounds(len(sizes), synth.centred):
-        synth.set_centres(centres)
-        made = [synth.batch(i, sizes[i]) for i in batches]
-        centres = {k: v + sum(b.centres[k] for b in made) for k, v in centres.items()}
-        out += made
     return out
 
 

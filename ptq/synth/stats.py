@@ -60,8 +60,8 @@ class ChannelSums(torch.autograd.Function):
         return _statistics_grad(x, g1, g2)
 
 
-# Below this many input elements a compiled kernel's fixed cost per call (~30 µs on the CPU: guards, launch) exceeds
-# what it saves over op by op (equal near 65 k elements, 2x faster at 0.8 M: benchmarks/bn_kernels.py).
+# Below this many input elements a compiled kernel's fixed cost per call (guards, launch) exceeds what it saves over
+# op by op (measured by benchmarks/bn_kernels.py; numbers in docs/synthesis.md).
 COMPILED_FROM = 1 << 17
 
 
@@ -87,9 +87,8 @@ class FusedBatchNorm(torch.autograd.Function):
 
     Forward and backward are each one compiled kernel (`ptq._fuse`; op by op below `COMPILED_FROM` elements), the
     backward one pass where unfused the same gradient costs BN's own backward (on the CPU 3-4 times a per-channel
-    scale), the statistics' pass and autograd's sum of the two. Over lite0's 49 BN layers at batch 8 on the 2-core CPU
-    (`benchmarks/bn_kernels.py`): 41 ms forward + backward compiled, 46 ms op by op, 86 ms for torch's BN with the
-    hooked statistics, 40 ms for torch's BN alone.
+    scale), the statistics' pass and autograd's sum of the two; `benchmarks/bn_kernels.py` measures it against
+    torch's BN with and without hooked statistics (docs/synthesis.md).
     """
 
     @staticmethod
@@ -235,10 +234,6 @@ class BNStatistics:
     def deep_start(self) -> int:
         """The first of the deeper half of BN layers used by FDDA (arXiv 2109.04186): l ≥ floor((N_BN + 1) / 2) − 2."""
         return max(0, (len(self.layers) + 1) // 2 - 2)
-
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """A concatenated vector back into one tensor per layer."""
-        return list(torch.split(flat, self.channels, dim=-1))
 
 
 class FeatureTap:
