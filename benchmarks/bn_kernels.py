@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ptq.arch import is_batchnorm
 from ptq.models import load_model
-from ptq.quant.fold import is_batchnorm
 from ptq.synth.stats import (
     COMPILED_FROM,
     _normalize_and_sum,

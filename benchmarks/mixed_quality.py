@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ptq.calibration import default_synth_dir, synthesize_set
 from ptq.config import MixedConfig, QuantConfig, TraceEstimator, load_recipe
 from ptq.data import ImageFolder
 from ptq.mixed import allocate, apply_bits, measure_sensitivity
 from ptq.mixed.allocate import Budget, evaluate
 from ptq.models import load_model
-from ptq.pipeline import default_synth_dir, synthesize_set
 from ptq.quant import calibrate, prepare, set_quant_state
 from ptq.synth import SyntheticSet
 

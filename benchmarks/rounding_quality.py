@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
+from ptq.calibration import default_synth_dir
 from ptq.config import load_recipe
 from ptq.data import ImageFolder
 from ptq.mixed import Budget
 from ptq.models import load_model, weights_digest
-from ptq.pipeline import default_synth_dir, mixed_bits, round_weights
+from ptq.pipeline import mixed_bits, round_weights
 from ptq.quant import calibrate, prepare
 from ptq.synth import SyntheticSet, synthesize
 from ptq.synth.shards import META_FILE

@@ -227,7 +227,7 @@ def synthesize(
     model takes them), with the recipe's synthesis settings (`method`: intraq, genie, ...; `synth_iters=`,
     `synth_lr=`, ...). The set is kept in `out` or in the cache, keyed by model, weights and settings: a second
     call returns it at once and an interrupted one resumes."""
-    from ptq.pipeline import default_synth_dir
+    from ptq.calibration import default_synth_dir
     from ptq.synth import SyntheticSet
     from ptq.synth import synthesize as run_synthesis
 

@@ -451,8 +451,8 @@ def synthesize(
     overwrite: Annotated[bool, typer.Option(help="Replace a set made with other settings in --out.")] = False,
 ) -> None:
     """Synthesize calibration images from a pretrained model's BatchNorm statistics (rerun to resume)."""
+    from ptq.calibration import synthesize_set
     from ptq.models import load_model, weights_digest
-    from ptq.pipeline import synthesize_set
     from ptq.synth.run import check_synth_dir
     from ptq.synth.run import fingerprint as synth_fingerprint
 

@@ -50,6 +50,14 @@ class WeightGranularity(str, Enum):
     TENSOR = "tensor"
 
 
+class CachePlacement(str, Enum):
+    """Where reconstruction keeps a unit's cached inputs and targets (`recon.cache`)."""
+
+    AUTO = "auto"  # on the device when the largest unit fits in half of its free memory, else in host memory
+    CPU = "cpu"
+    DEVICE = "device"
+
+
 class Method(str, Enum):
     """How weights are rounded after calibration."""
 
@@ -304,6 +312,16 @@ class ActSteps(str, Enum):
     SECOND_PASS = "second_pass"  # learned after the rounding of the unit is fixed (BRECQ: lr 4e-4, p = 2.4 loss)
 
 
+# Published reconstruction defaults per method, beside the synthesis presets; a None in ReconConfig takes them.
+RECON_PRESETS: dict[Method, dict[str, Any]] = {
+    Method.ADAROUND: dict(keep_prob=1.0, act_steps=ActSteps.FIXED),  # layer by layer, activation steps kept
+    Method.BRECQ: dict(keep_prob=1.0, act_steps=ActSteps.SECOND_PASS),
+    Method.QDROP: dict(keep_prob=0.5, act_steps=ActSteps.JOINT),
+}
+RECON_REG_WEIGHT = {False: 0.01, True: 0.1}  # λ by "the network has depthwise convs" (published for MobileNetV2)
+RECON_ACT_LR = {ActSteps.FIXED: 4e-5, ActSteps.JOINT: 4e-5, ActSteps.SECOND_PASS: 4e-4}
+
+
 class CacheDtype(str, Enum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
@@ -330,7 +348,7 @@ class ReconConfig:
     learn_weight_scale: bool = False  # Genie-M: learn the weight scale jointly with the rounding
     weight_scale_lr: float = 1e-4
     fisher: bool = False  # weight the loss by the squared gradient of the task loss (FP model's own labels)
-    cache: str = "auto"  # where unit inputs/targets are kept: auto (device if it fits), cpu or device
+    cache: CachePlacement = CachePlacement.AUTO  # where unit inputs/targets are kept
     cache_dtype: CacheDtype = CacheDtype.FLOAT32
     init: RoundingInit = RoundingInit.NEAREST
     act_search: bool = False  # activation steps start from a search on each unit's output error
@@ -353,8 +371,6 @@ class ReconConfig:
             raise ConfigError(f"recon.reg_weight must be ≥ 0, got {self.reg_weight}")
         if self.keep_prob is not None and not 0 <= self.keep_prob <= 1:
             raise ConfigError(f"recon.keep_prob must be in [0, 1], got {self.keep_prob!r}")
-        if self.cache not in ("auto", "cpu", "device"):
-            raise ConfigError(f"recon.cache must be one of: auto, cpu, device (got {self.cache!r})")
 
 
 class LayerKind(str, Enum):

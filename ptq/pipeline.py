@@ -9,10 +9,7 @@ when complete, so an interrupted run leaves no half-written `OUT`.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import logging
 import shutil
 import time
@@ -23,29 +20,29 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset
 
 from ptq import distributed
 from ptq._io import check_output_dir, staged_dir, write_json, write_text
+from ptq.calibration import batches_of, calibration_images, share
 from ptq.config import (
     BiasCorrection,
-    ConfigError,
     Method,
     Recipe,
     RoundingInit,
-    SynthMethod,
     check_job_recipe,
     dump_recipe,
     to_plain,
 )
-from ptq.data import DataError, ImageFolder, calibration_set, image_batches, make_loader
+from ptq.data import DataError, ImageFolder
 from ptq.eval.harness import run_metrics
 from ptq.export.checkpoint import WEIGHTS_FILE, fp32_weight_bytes, packed_bytes, save_quantized
 from ptq.mixed import Allocation, Budget, SensitivityTable, allocate, apply_bits, measure_sensitivity, pareto_front
 from ptq.mixed.allocate import check_feasible, evaluate
+from ptq.mixed.files import SENSITIVITY_FILE, read_sensitivity, sensitivity_csv
 from ptq.mixed.plot import plot_sensitivity
 from ptq.mixed.sensitivity import describe_layers
-from ptq.models import cache_dir, load_model, weights_digest
+from ptq.models import load_model
 from ptq.quant import calibrate, prepare
 from ptq.quant.modules import quant_layers
 from ptq.quant.prepare import layer_bits
@@ -54,13 +51,9 @@ from ptq.recon.engine import fp_reference
 from ptq.recon.layerwise import Rounding, round_layers
 from ptq.recon.run import reconstruct
 from ptq.report import Report
-from ptq.synth import SynthError, SyntheticSet, class_statistics, synthesize
-from ptq.synth.run import fingerprint as synth_fingerprint
-from ptq.synth.shards import META_FILE
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int | None], None]
-SENSITIVITY_FILE = "sensitivity.json"
 
 
 @dataclasses.dataclass
@@ -113,66 +106,13 @@ def _timed(timings: dict[str, float], key: str):
     timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - start, 3)  # a stage may run in parts
 
 
-def real_images(
-    folder: str | Path, data_config: dict, num_images: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Up to `num_images` real images as one tensor, with their class-folder labels when the folder has them."""
-    subset = calibration_set(folder, data_config, num_images, seed)
-    images, labels = zip(*(subset[i] for i in range(len(subset))), strict=True)
-    labels = torch.tensor(labels)
-    return torch.stack(images), (labels if bool((labels >= 0).all()) else None)
-
-
-def default_synth_dir(model_name: str, data_config: dict, recipe: Recipe, weights: str) -> Path:
-    """The cache folder of a zero-shot run's synthetic set, keyed by model, weights, input and settings."""
-    return cache_dir() / "synth" / f"{model_name}-{synth_fingerprint(model_name, data_config, recipe.synth, weights)}"
-
-
-def synthesize_set(
-    fp_model: nn.Module,
-    model_name: str,
-    data_config: dict,
-    recipe: Recipe,
-    out: str | Path,
-    calib_data: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """Synthesize (or resume, or reuse) a set in `out`; returns its metadata and the real images FDDA used."""
-    real = None
-    class_stats = None
-    if recipe.synth.method is SynthMethod.FDDA:
-        if calib_data is None:
-            raise SynthError("fdda needs a few real images (one per class is enough): pass --calib-data DIR")
-        real, labels = real_images(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed)
-        class_stats = class_statistics(fp_model, real.to(device), labels.to(device) if labels is not None else None)
-    meta = synthesize(fp_model, model_name, data_config, recipe.synth, out, device, class_stats, overwrite, progress)
-    return meta, real
-
-
 def calibration_data(
     fp_model: nn.Module, data_config: dict, job: Job, progress: Progress | None, timings: dict[str, float]
 ) -> tuple[Dataset, dict[str, Any] | None, Iterable[torch.Tensor]]:
-    """The calibration set: real images (a folder's seeded subset, or the first of the in-memory ones), or
-    (zero-shot) a synthetic set that is reused from `synth_data` or the cache when finished, else synthesized
-    (resumably); with the synthetic set's metadata (or None) and the set's batches on the job's device."""
-    recipe, device = job.recipe, job.device
+    """The job's calibration set (`ptq.calibration.calibration_images`), timed, with its batches on the device."""
     with _timed(timings, "synthesize" if job.zero_shot else "load"):
-        if job.images is not None:
-            calib, meta = Subset(job.images, range(min(len(job.images), recipe.calib.num_images))), None
-        elif not job.zero_shot:
-            num, seed = recipe.calib.num_images, recipe.calib.seed
-            calib, meta = distributed.together(calibration_set, job.calib_data, data_config, num, seed), None
-        else:
-            digest = weights_digest(fp_model)
-            cached = job.synth_data is None
-            folder = job.synth_data or default_synth_dir(job.model, data_config, recipe, digest)
-            calib, meta = _synthetic_calibration(
-                fp_model, job.model, data_config, recipe, folder, job.calib_data, device, progress, cached, digest
-            )
-    loader = make_loader(calib, recipe.calib.batch_size, recipe.calib.workers, device)
-    return calib, meta, _counted(image_batches(loader, device), len(loader))
+        calib, meta = calibration_images(fp_model, data_config, job, progress)
+    return calib, meta, batches_of(calib, job.recipe, job.device)
 
 
 def mixed_bits(
@@ -192,32 +132,6 @@ def mixed_bits(
     allocation = distributed.broadcast_object(allocate(table, budget))  # one allocation, whatever the ranks measured
     apply_bits(qmodel, allocation.bits)
     return table, allocation
-
-
-def read_sensitivity(path: str | Path, model_name: str, qmodel: nn.Module, recipe: Recipe) -> SensitivityTable:
-    """A table written by `ptq sensitivity` (its folder or its JSON), checked against the model and the recipe."""
-    path = Path(path)
-    path = path / SENSITIVITY_FILE if path.is_dir() else path
-    try:
-        table = SensitivityTable.from_dict(json.loads(path.read_text())["table"])
-    except FileNotFoundError:
-        raise DataError(f"--sensitivity {path} does not exist; point at a folder made by `ptq sensitivity`") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"--sensitivity {path} is not a sensitivity table ({e}); re-run `ptq sensitivity`") from None
-    if table.model != model_name or [layer.name for layer in table.layers] != list(quant_layers(qmodel)):
-        raise DataError(f"--sensitivity {path} was measured on {table.model}, not on {model_name} as prepared here")
-    # the widths allowed now (recipe, hardware limits) may differ from when the table was made
-    fresh = {layer.name: layer.allowed for layer in describe_layers(qmodel, recipe.mixed, recipe.quant.first_last_bits)}
-    for layer in table.layers:
-        missing = set(fresh[layer.name]) - set(layer.perturbation)
-        if missing:
-            raise DataError(
-                f"--sensitivity {path} lacks {sorted(missing)}-bit values for {layer.name}; re-run `ptq sensitivity` "
-                "with the same mixed.w_candidates"
-            )
-        layer.allowed = fresh[layer.name]
-    table.convention = recipe.quant.first_last_bits
-    return table
 
 
 def _load_prepared(
@@ -265,14 +179,14 @@ def quantize(
     with _timed(timings, "calibrate"):
         calibrate(qmodel, batches, q, progress)  # under torchrun the ranges are computed once and shared
     if layerwise or recipe.method.reconstructs:
-        batches = _share(batches)  # data-parallel: each rank works on its share of the images
+        batches = share(batches)  # data-parallel: each rank works on its share of the images
     rounding_summary, recon_summary = round_weights(qmodel, fp_model, batches, recipe, job.work_dir, progress, timings)
     mixed = None
     if allocation is not None:
         mixed = {"budget": budget.to_dict(), **allocation.to_dict()}
     report = Report(
         model=job.model,
-        weights=getattr(fp_model, "ptq_weights_source", None),
+        weights=qmodel.ptq_state.weights,
         method=recipe.method.value,
         w_bits="auto" if mixed else q.w_bits,
         a_bits=q.a_bits,
@@ -376,23 +290,6 @@ def sensitivity(job: Job, progress: Progress | None = None) -> dict[str, Any]:
     return distributed.broadcast_object(result)
 
 
-def sensitivity_csv(table: SensitivityTable, chosen: Allocation) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    widths = table.candidates
-    writer.writerow(
-        ["layer", "kind", "params", "channels", "macs", "in_bits", "trace", "chosen_bits"]
-        + [f"omega_w{b}" for b in widths]
-    )
-    for layer in table.layers:
-        writer.writerow(
-            [layer.name, layer.kind.value, layer.numel, layer.channels, layer.macs, layer.in_bits, f"{layer.trace:.6g}"]
-            + [chosen.bits[layer.name]]
-            + [f"{layer.omega(b):.6g}" if b in layer.perturbation else "" for b in widths]
-        )
-    return buffer.getvalue()
-
-
 def round_weights(
     qmodel: nn.Module,
     fp_model: nn.Module,
@@ -437,81 +334,3 @@ def _analytic_means(qmodel: nn.Module, fp_model: nn.Module, q, batches) -> dict[
     if q.bias_correction is not BiasCorrection.ANALYTIC:
         return None
     return analytic_input_means(qmodel, fp_model, batches[0][:1])
-
-
-def _synthetic_calibration(
-    fp_model, model_name, data_config, recipe, folder, calib_data, device, progress, cached: bool, digest: str
-):
-    """The calibration set of a zero-shot run: a finished set in `folder` reused, else synthesized (resumed). A set
-    the user named (`--synth-data`) is used whole; the cache's set serves the first `synth.num_images` images and
-    is grown (its batches depend on the seed and batch index only) when it holds fewer."""
-    wanted = recipe.synth.num_images
-    if (folder / META_FILE).is_file():
-        try:
-            synthetic = SyntheticSet(folder)
-        except FileNotFoundError:
-            synthetic = None  # unfinished or damaged: synthesize resumes it below
-        if synthetic is not None and cached and len(synthetic) < wanted:
-            synthetic = None  # too small: synthesize grows it below
-        if synthetic is not None:
-            made_for = (synthetic.meta.get("model"), list(synthetic.meta["data_config"]["input_size"]))
-            if made_for != (model_name, list(data_config["input_size"])):
-                raise SynthError(f"--synth-data {folder} was made for {made_for[0]} at {made_for[1]}; synthesize anew")
-            if synthetic.meta.get("weights", digest) != digest:
-                raise SynthError(
-                    f"--synth-data {folder} was made from other weights of {model_name}; synthesize anew for these "
-                    "(or pass the --checkpoint it was made from)"
-                )
-            log.info("reusing the synthetic set in %s", folder)
-            real = None
-            if recipe.synth.method is SynthMethod.FDDA and calib_data is not None:
-                real, _ = real_images(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed)
-            brief = {"folder": str(folder), **_brief(synthetic.meta)}
-            if cached and len(synthetic) > wanted:
-                synthetic, brief["num_images"] = Subset(synthetic, range(wanted)), wanted
-            return _with_real(synthetic, real), brief
-    meta, real = synthesize_set(fp_model, model_name, data_config, recipe, folder, calib_data, device, False, progress)
-    if not (folder / META_FILE).is_file():  # rank 0 finished it, on a filesystem this rank does not see
-        raise SynthError(
-            f"rank {distributed.world().rank} cannot see the synthetic set in {folder}: on several machines put it "
-            "on a filesystem they share (--synth-data DIR, or PTQ_CACHE_DIR)"
-        )
-    return _with_real(SyntheticSet(folder), real), {"folder": str(folder), **_brief(meta)}
-
-
-def _with_real(synthetic: Dataset, real: torch.Tensor | None) -> Dataset:
-    """FDDA: the real images join the synthetic ones in the calibration set."""
-    if real is None:
-        return synthetic
-    return ConcatDataset([synthetic, TensorDataset(real, torch.full((real.shape[0],), -1))])
-
-
-def _brief(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: meta.get(k) for k in ("method", "num_images", "fingerprint", "seconds", "resumed_batches")}
-
-
-def _share(batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's contiguous share of the calibration images (all of them for one process), as batches of the
-    same size, copied so that the rest can be freed."""
-    w = distributed.world()
-    if not w.distributed:
-        return batches
-    images = torch.cat(batches)
-    if images.shape[0] < w.size:
-        raise ConfigError(f"{images.shape[0]} calibration images cannot be shared by {w.size} processes; use more")
-    mine = w.shard(images.shape[0])
-    size = batches[0].shape[0]
-    return [images[i : min(i + size, mine.stop)].clone() for i in range(mine.start, mine.stop, size)]
-
-
-def _counted(iterable, n: int):
-    """Give a generator a length so that progress can show a total."""
-
-    class _Sized:
-        def __iter__(self):
-            return iter(iterable)
-
-        def __len__(self):
-            return n
-
-    return _Sized()

@@ -118,7 +118,7 @@ def test_compiled_bit_unpacking_equals_its_eager_form():
 def test_the_loss_kernels_equal_the_squared_error_on_the_gathered_rows(fisher, dtype, shape):
     """Σ_c w(ẑ − z)² averaged over the rest, value and gradient (as the whole loss and scaled), with targets read at
     rows of a cache."""
-    from ptq.recon.engine import reconstruction_loss
+    from ptq.recon.losses import reconstruction_loss
 
     torch.manual_seed(0)
     cache = torch.randn(10, *shape[1:]).to(dtype)
@@ -139,7 +139,7 @@ def test_the_loss_kernels_equal_the_squared_error_on_the_gathered_rows(fisher, d
 
 def test_the_gathered_qdrop_input_equals_mixing_the_gathered_rows():
     from ptq.quant.functional import keep_mask, mix
-    from ptq.recon.engine import UnitData
+    from ptq.recon.cache import UnitData
 
     torch.manual_seed(0)
     q, fp = torch.randn(10, 3, 5, 5), torch.randn(10, 3, 5, 5)

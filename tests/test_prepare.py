@@ -3,9 +3,10 @@ import timm
 import torch
 from conftest import random_bn_stats
 
+from ptq.arch import is_batchnorm
 from ptq.config import QuantConfig
 from ptq.quant import calibrate, prepare, set_quant_state
-from ptq.quant.fold import fold_batchnorm, is_batchnorm
+from ptq.quant.fold import fold_batchnorm
 from ptq.quant.functional import sqnr_db
 from ptq.quant.modules import ActQuantizer, OutputQuant, QuantLayer, act_quantizers, quant_layers
 
@@ -54,7 +55,7 @@ def test_prepare_quantizes_every_layer_input_and_keeps_output_fp(name):
     qmodel = prepare(model, config, x[:1])
     layers = quant_layers(qmodel)
     assert len(layers) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
-    placement = qmodel.quant_placement
+    placement = qmodel.ptq_state.placement
     assert len(placement.first_layers) == 1
     # every layer but the first reads a quantized value: from an activation quantizer or its own input quantizer
     for lname, layer in layers.items():
@@ -154,7 +155,7 @@ def test_quantize_layer_outputs_gives_every_layer_but_the_last_an_output_quantiz
     plain = output_quantizers(prepare(model, QuantConfig(), x), x)
     qmodel = prepare(model, QuantConfig(quantize_layer_outputs=True), x)
     reached = output_quantizers(qmodel, x)
-    last = qmodel.quant_placement.last_layer
+    last = qmodel.ptq_state.placement.last_layer
     assert [n for n, q in reached.items() if q is None] == [last]
     bare = [n for n, q in plain.items() if q is None and n != last.removesuffix(".module")]
     assert bare and len(reached) == len(plain)

@@ -33,8 +33,8 @@ def test_units_cover_every_layer_once_in_network_order(name, blocks):
     covered = [layer for u in units for layer in u.layers]
     assert sorted(covered) == sorted(quant_layers(qmodel)) and len(covered) == len(set(covered))
     assert sum(u.kind is UnitKind.BLOCK for u in units) == blocks
-    assert units[0].kind is UnitKind.LAYER and units[0].layers == qmodel.quant_placement.first_layers
-    assert units[-1].layers == [qmodel.quant_placement.last_layer]
+    assert units[0].kind is UnitKind.LAYER and units[0].layers == qmodel.ptq_state.placement.first_layers
+    assert units[-1].layers == [qmodel.ptq_state.placement.last_layer]
 
 
 def test_block_units_include_their_output_quantizer():

@@ -84,7 +84,7 @@ def save_quantized(
     """Write `model.safetensors` and `quant_config.json` into `folder`; return the written config."""
     folder = Path(folder)
     state, packed = quantized_state(model)
-    example_shape = list(model.quant_example_shape)
+    example_shape = list(model.ptq_state.example_shape)
     meta = {
         "format_version": FORMAT_VERSION,
         "model": model_name,

@@ -29,7 +29,7 @@ from torch import nn
 
 from ptq.config import HIGH_BITS, BitConvention, LayerKind, MixedConfig, QuantConfig, TraceEstimator
 from ptq.export.packing import packed_size
-from ptq.quant._probe import hooked
+from ptq.probe import hooked
 from ptq.quant.calibrate import weight_observer
 from ptq.quant.functional import channel_view, fake_quantize
 from ptq.quant.modules import Quantizer, act_quantizers, quant_layers, set_quant_state
@@ -125,7 +125,7 @@ def allowed_bits(kind: LayerKind, config: MixedConfig, first_or_last: bool, conv
 def describe_layers(model: nn.Module, config: MixedConfig, convention: BitConvention) -> list[LayerSensitivity]:
     """Shapes, kinds, MACs per image (one probe forward) and allowed widths of every quantized layer, in order."""
     layers = quant_layers(model)
-    placement: Placement = model.quant_placement
+    placement: Placement = model.ptq_state.placement
     quantizers = act_quantizers(model)
     macs: dict[str, int] = {}
 
@@ -133,7 +133,7 @@ def describe_layers(model: nn.Module, config: MixedConfig, convention: BitConven
         weight = module.layer.weight
         macs[name] = (y.numel() // y.shape[0]) * (weight.numel() // weight.shape[0])
 
-    example = torch.zeros((1, *model.quant_example_shape[1:]), device=next(model.parameters()).device)
+    example = torch.zeros((1, *model.ptq_state.example_shape[1:]), device=next(model.parameters()).device)
     with torch.no_grad(), hooked(layers.items(), post=record):
         model(example)
     ends = set(placement.first_layers) | {placement.last_layer}

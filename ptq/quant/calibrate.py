@@ -17,26 +17,26 @@ import torch
 from torch import nn
 
 from ptq import distributed
-from ptq.config import QuantConfig, WeightGranularity
+from ptq.config import ObserverKind, QuantConfig, WeightGranularity
 from ptq.quant.modules import act_quantizers, quant_layers, set_quant_state
-from ptq.quant.observers import Observer, PerChannel, PerTensor, make_observer
+from ptq.quant.observers import Granularity, Observer, PerChannel, PerTensor, make_observer
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total)
 
 
-def _observer(config: QuantConfig, kind, granularity) -> Observer:
+def _observer(config: QuantConfig, kind: ObserverKind, granularity: Granularity) -> Observer:
     kwargs = {}
-    if kind == "lp":
+    if kind is ObserverKind.LP:
         kwargs = {"p": config.lp_p, "num_candidates": config.lp_candidates}
-    elif kind == "percentile":
+    elif kind is ObserverKind.PERCENTILE:
         kwargs = {"percentile": config.percentile}
     return make_observer(kind, granularity, **kwargs)
 
 
 def weight_observer(config: QuantConfig) -> Observer:
     granularity = PerChannel(0) if config.w_granularity is WeightGranularity.CHANNEL else PerTensor()
-    return _observer(config, config.w_observer.value, granularity)
+    return _observer(config, config.w_observer, granularity)
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def calibrate_activations(
     """Observe activation ranges over `batches` (already on the model's device); return the number of images seen."""
     quantizers = act_quantizers(model)
     for q in quantizers.values():
-        q.observer = _observer(config, config.a_observer.value, PerTensor())
+        q.observer = _observer(config, config.a_observer, PerTensor())
     set_quant_state(model, weights=config.quantize_weights, activations=False)
     seen = 0
     total = len(batches) if hasattr(batches, "__len__") else None

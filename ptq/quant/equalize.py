@@ -25,7 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ptq._fuse import eager
-from ptq.quant._probe import example_input, hooked
+from ptq.probe import example_input, hooked
 from ptq.quant.fold import replace_module
 
 SWEEPS = 8

@@ -13,14 +13,10 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ptq.quant._probe import example_input, hooked
+from ptq.arch import is_batchnorm
+from ptq.probe import example_input, hooked
 
 FOLDABLE_LAYERS = (nn.Conv2d, nn.Linear)
-
-
-def is_batchnorm(m: nn.Module) -> bool:
-    """Any module with BatchNorm running statistics (torch BatchNorm*, timm BatchNormAct2d, frozen variants)."""
-    return all(hasattr(m, a) for a in ("running_mean", "running_var", "eps")) and m.running_var is not None
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

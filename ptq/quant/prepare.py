@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ptq import arch
+from ptq.arch import GRID_PRESERVING, SQUEEZE_EXCITE
 from ptq.config import HIGH_BITS, BitConvention, QuantConfig, WeightGranularity
-from ptq.quant._probe import example_input, hooked
+from ptq.probe import example_input, hooked
 from ptq.quant.equalize import ChannelClamp, equalize
 from ptq.quant.fold import fold_batchnorm, replace_module
 from ptq.quant.modules import (
@@ -42,45 +44,7 @@ from ptq.quant.modules import (
     set_quant_state,
 )
 
-
-def timm_classes(module: str, names: tuple[str, ...]) -> tuple[type, ...]:
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return ()
-    return tuple(getattr(mod, n) for n in names if hasattr(mod, n))
-
-
-NONLINEARITIES = (
-    (
-        nn.ReLU,
-        nn.ReLU6,
-        nn.SiLU,
-        nn.GELU,
-        nn.Hardswish,
-        nn.Mish,
-        nn.LeakyReLU,
-        nn.ELU,
-        nn.CELU,
-        nn.SELU,
-        nn.PReLU,
-        ChannelClamp,
-    )
-    + timm_classes(
-        "timm.layers.activations", ("Swish", "Mish", "HardSwish", "HardMish", "GELU", "GELUTanh", "QuickGELU", "PReLU")
-    )
-    + timm_classes("timm.layers.activations_me", ("SwishMe", "MishMe", "HardSwishMe", "HardMishMe"))
-)
-
-SQUEEZE_EXCITE = timm_classes("timm.layers.squeeze_excite", ("SEModule", "EffectiveSEModule", "SqueezeExcite")) + (
-    timm_classes("timm.models._efficientnet_blocks", ("SqueezeExcite",))
-)
-
-GRID_PRESERVING = (nn.Identity, nn.Dropout, nn.MaxPool2d, nn.Flatten, nn.ReLU) + timm_classes(
-    "timm.layers", ("DropPath",)
-)
+NONLINEARITIES = arch.NONLINEARITIES + (ChannelClamp,)  # equalization's per-channel clip is one too
 
 
 @dataclass
@@ -92,6 +56,17 @@ class Placement:
     act_order: list[str] = field(default_factory=list)  # activation quantizers in execution order
     input_producer: dict[str, str | None] = field(default_factory=dict)  # layer → quantizer whose output it reads
     unquantized_blocks: list[str] = field(default_factory=list)  # probed blocks whose output is not quantized
+
+
+@dataclass
+class PreparedState:
+    """What `prepare` records on the model it returns, as `model.ptq_state`: where the quantizers sit, the example
+    shape it probed with, its config, and where the FP weights came from (`load_model`'s note, if any)."""
+
+    placement: Placement
+    example_shape: tuple[int, ...]
+    config: QuantConfig
+    weights: str | None = None
 
 
 def _gate_modules(model: nn.Module) -> set[int]:
@@ -247,8 +222,7 @@ def prepare(model: nn.Module, config: QuantConfig, example: torch.Tensor | None 
     # the input quantizers just added change nothing upstream, so the placement found above still holds
     _apply_bit_convention(model, placement, config.first_last_bits)
     model.to(device)  # the quantizers were created on the CPU
-    model.quant_placement = placement
-    model.quant_example_shape = tuple(example.shape)
+    model.ptq_state = PreparedState(placement, tuple(example.shape), config, getattr(model, "ptq_weights_source", None))
     return set_quant_state(model, config.quantize_weights, config.quantize_activations)
 
 

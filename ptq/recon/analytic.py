@@ -17,17 +17,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ptq._fuse import eager
-from ptq.quant._probe import hooked
-from ptq.quant.fold import find_foldable, is_batchnorm
+from ptq.arch import IDENTITIES, MEAN_PRESERVING, is_batchnorm
+from ptq.probe import hooked
+from ptq.quant.fold import find_foldable
 from ptq.quant.modules import ActQuantizer, OutputQuant, quant_layers
-from ptq.quant.prepare import NONLINEARITIES, timm_classes
+from ptq.quant.prepare import NONLINEARITIES
 from ptq.recon.gptq import groups_of, supported, unfold
 
 GRID_POINTS = 4001
-IDENTITIES = (nn.Identity, nn.Dropout) + timm_classes("timm.layers", ("DropPath", "DropBlock2d"))
-MEAN_PRESERVING = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten) + timm_classes(
-    "timm.layers", ("SelectAdaptivePool2d",)
-)
 
 
 def gaussian_mean(f, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptq.quant.prepare import timm_classes
+from ptq.arch import CONV_SAME
 
-CONV_SAME = timm_classes("timm.layers.conv2d_same", ("Conv2dSame",))
 CHUNK_ELEMENTS = 1 << 24  # unfold at most this many input values at a time (64 MiB in float32)
 MAX_DAMP_TRIES = 6  # a Hessian that Cholesky still rejects is dampened 10× more, this many times
 

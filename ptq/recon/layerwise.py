@@ -36,7 +36,7 @@ from torch import nn
 from ptq import distributed
 from ptq._io import atomic_path
 from ptq.config import BiasCorrection, GptqConfig, to_plain
-from ptq.quant._probe import hooked
+from ptq.probe import hooked
 from ptq.quant.modules import ActQuantizer, QuantLayer, quant_layers
 from ptq.recon.gptq import (
     InputStatistics,

@@ -29,7 +29,16 @@ from torch import nn
 
 from ptq import distributed
 from ptq._io import atomic_path
-from ptq.config import ActSteps, ConfigError, Method, ReconConfig, to_plain
+from ptq.config import (
+    RECON_ACT_LR,
+    RECON_PRESETS,
+    RECON_REG_WEIGHT,
+    CachePlacement,
+    ConfigError,
+    Method,
+    ReconConfig,
+    to_plain,
+)
 from ptq.errors import PtqError
 from ptq.quant.modules import ActQuantizer
 from ptq.recon.engine import Settings, collect, fp_reference, reconstruct_unit, total_iters, unit_error
@@ -58,16 +67,16 @@ def has_depthwise(model: nn.Module) -> bool:
 def settings_for(method: Method, config: ReconConfig, depthwise: bool = False) -> Settings:
     """The per-unit settings of a method: its published defaults (λ 0.1 for a network with depthwise convolutions,
     as published for MobileNetV2), overridden by what `config` sets."""
-    default_steps = {Method.QDROP: ActSteps.JOINT, Method.BRECQ: ActSteps.SECOND_PASS}.get(method, ActSteps.FIXED)
-    act_steps = config.act_steps or default_steps
+    preset = RECON_PRESETS.get(method, RECON_PRESETS[Method.ADAROUND])
+    act_steps = config.act_steps or preset["act_steps"]
     return Settings(
         iters=config.iters,
         batch_size=config.batch_size,
         lr=config.lr,
-        reg_weight=config.reg_weight if config.reg_weight is not None else (0.1 if depthwise else 0.01),
-        keep_prob=config.keep_prob if config.keep_prob is not None else (0.5 if method is Method.QDROP else 1.0),
+        reg_weight=config.reg_weight if config.reg_weight is not None else RECON_REG_WEIGHT[depthwise],
+        keep_prob=config.keep_prob if config.keep_prob is not None else preset["keep_prob"],
         act_steps=act_steps,
-        act_lr=config.act_lr or (4e-4 if act_steps is ActSteps.SECOND_PASS else 4e-5),
+        act_lr=config.act_lr or RECON_ACT_LR[act_steps],
         act_iters=config.act_iters or max(1, config.iters // 4),
         weight_scale_lr=config.weight_scale_lr if config.learn_weight_scale else None,
         act_search=config.act_search,
@@ -116,9 +125,9 @@ def plan_cache(
     unit_bytes = [images * size * (u.in_numel * (1 + fp_in) + u.out_numel * (1 + config.fisher)) for u in units]
     peak = max(unit_bytes, default=0)
     store = torch.device("cpu")
-    if device.type == "cuda" and config.cache in ("auto", "device"):
+    if device.type == "cuda" and config.cache is not CachePlacement.CPU:
         free, _ = torch.cuda.mem_get_info(device)
-        if config.cache == "device" or peak <= DEVICE_SHARE * free:
+        if config.cache is CachePlacement.DEVICE or peak <= DEVICE_SHARE * free:
             store = device
     available = _host_available()
     if store.type == "cpu" and available is not None and peak > 0.8 * available:

@@ -15,13 +15,9 @@ from enum import Enum
 import torch
 from torch import nn
 
-from ptq.quant._probe import example_input, hooked
+from ptq.arch import BLOCK_CLASSES
+from ptq.probe import example_input, hooked
 from ptq.quant.modules import OutputQuant, QuantLayer
-from ptq.quant.prepare import timm_classes
-
-BLOCK_CLASSES = timm_classes("timm.models.resnet", ("BasicBlock", "Bottleneck")) + timm_classes(
-    "timm.models.regnet", ("Bottleneck", "PreBottleneck")
-)
 
 
 class UnitKind(str, Enum):

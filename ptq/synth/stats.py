@@ -22,7 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ptq._fuse import fused
-from ptq.quant.fold import is_batchnorm
+from ptq.arch import is_batchnorm
 
 
 def _sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
