@@ -168,6 +168,9 @@ def quantize(
     overwrite: bool = False,
     device: str | None = None,
     progress: Progress | None = None,
+    synth_data: str | Path | None = None,
+    sensitivity: str | Path | None = None,
+    real_images: str | Path | None = None,
     **overrides: Any,
 ) -> QuantizedModel:
     """Quantize `model` (a timm name, or any timm model or CNN in memory; the original is left untouched).
@@ -180,10 +183,15 @@ def quantize(
     name (`bias_correction="analytic"`) and any other as `section_field` (`synth_iters=200`, `recon_iters=2000`).
     `data_config` is needed for a model that is not from timm. With `out`, the output folder is written as by
     `ptq quantize` and an interrupted run resumes when called again; `eval_data` adds an FP-vs-quantized report.
+    `synth_data`: a folder to keep (or reuse) the synthetic set in; `real_images`: the few real images FDDA
+    synthesizes from (zero-shot with `synth_method="fdda"`); `sensitivity`: a table made by `ptq sensitivity` to
+    reuse for `w_bits="auto"`.
     """
     from ptq.pipeline import Job
     from ptq.pipeline import quantize as run_job
 
+    if calib is None:
+        raise ConfigError("calib is needed: a folder of images, a tensor, a DataLoader, or 'zero-shot'")
     zero_shot = isinstance(calib, str) and calib == "zero-shot"
     resolved = _recipe(recipe, zero_shot, overrides)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -192,8 +200,10 @@ def quantize(
         folder = Path(calib)
     elif not zero_shot:
         images = _images(calib, resolved.calib.num_images)
+    if zero_shot and real_images is not None:
+        folder = Path(real_images)
     if isinstance(model, str):
-        name, loaded = model, load_model(model, checkpoint=checkpoint, device=device)
+        name, loaded = model, None  # loaded by the job (once per process group under torchrun)
     elif isinstance(model, nn.Module):
         if checkpoint is not None:
             raise ConfigError("checkpoint= loads weights for a timm name; load them into the model you pass instead")
@@ -204,11 +214,13 @@ def quantize(
     else:
         raise ConfigError(f"model must be a timm name or an nn.Module, got {type(model).__name__}")
     job = Job(
-        name, resolved, calib_data=folder, images=images, zero_shot=zero_shot, eval_data=eval_data, out=out,
-        checkpoint=checkpoint, device=device, overwrite=overwrite,
+        name, resolved, calib_data=folder, images=images, zero_shot=zero_shot, synth_data=synth_data,
+        eval_data=eval_data, out=out, checkpoint=checkpoint, sensitivity_file=sensitivity, device=device,
+        overwrite=overwrite,
     )  # fmt: skip
     qmodel, report = run_job(job, progress, loaded)
-    return QuantizedModel(qmodel, name, loaded[1], resolved, report, str(checkpoint) if checkpoint else None)
+    data_config = qmodel.ptq_state.data_config
+    return QuantizedModel(qmodel, name, data_config, resolved, report, str(checkpoint) if checkpoint else None)
 
 
 def synthesize(

@@ -28,7 +28,6 @@ from ptq.config import (
     Method,
     SynthMethod,
     bit_values,
-    check_job_recipe,
     load_recipe,
     recipe_names,
     with_values,
@@ -286,8 +285,7 @@ def quantize(
     ] = None,
 ) -> None:
     """Quantize a pretrained timm model and write a packed low-bit checkpoint with a fidelity report."""
-    from ptq.pipeline import Job
-    from ptq.pipeline import quantize as run_quantize
+    from ptq.api import quantize as run_quantize
 
     if export is not None and export != "onnx":
         fail(f"--export {export!r}: the format ptq exports is onnx")
@@ -324,18 +322,17 @@ def quantize(
             # many times slower (≤ 4-bit weights have no integer kernels; their asymmetric grids measure better)
             resolved = _resolve_recipe(recipe, ["quant.w_symmetric=true", *overrides], flags)
             q = resolved.quant
-        check_job_recipe(resolved)
         if not mixed.enabled and (size_budget or avg_bits or bops_budget or sensitivity):
             fail("--size-budget, --avg-bits, --bops-budget and --sensitivity apply to --bits auto (or --w-bits auto)")
         out = out or Path("runs") / f"{model}-w{'auto' if mixed.enabled else q.w_bits}a{q.a_bits}"
         dev = start(device)
         with progress_bars() as progress:
-            job = Job(
-                model, resolved, calib_data=calib_data, zero_shot=zero_shot, synth_data=synth_data,
-                eval_data=eval_data, out=out, checkpoint=checkpoint, sensitivity_file=sensitivity, device=dev,
-                overwrite=overwrite,
+            qmodel = run_quantize(
+                model, calib="zero-shot" if zero_shot else calib_data, recipe=resolved, eval_data=eval_data,
+                checkpoint=checkpoint, out=out, overwrite=overwrite, device=dev, progress=progress,
+                synth_data=synth_data, sensitivity=sensitivity, real_images=calib_data if zero_shot else None,
             )  # fmt: skip
-            _, report = run_quantize(job, progress)
+            report = qmodel.report
     _print_quantize_report(report.to_dict(), out)
     if export is not None and distributed.world().main:
         with user_errors(f"the checkpoint in {out} is complete; `ptq export {out}` retries the export"):

@@ -148,6 +148,7 @@ def _load_prepared(
     with _timed(timings, "prepare"):
         example = torch.zeros((1, *data_config["input_size"]), device=job.device)
         qmodel = prepare(fp_model, job.recipe.quant, example)
+    qmodel.ptq_state.data_config = data_config
     return fp_model, data_config, qmodel
 
 

@@ -335,3 +335,23 @@ def test_progress_without_a_terminal_is_plain_lines_with_eta():
         "reconstruct: 3/5 elapsed 0:00:12 eta 0:00:08 unit 3",
         "reconstruct: 5/5 elapsed 0:00:20 unit 5 done",
     ]
+
+
+def test_every_error_ptq_explains_is_one_class_the_command_line_catches():
+    from ptq import PtqError
+    from ptq._io import OutputError
+    from ptq.cli import USER_ERRORS
+    from ptq.config import ConfigError
+    from ptq.data import DataError
+    from ptq.distributed import DistributedError
+    from ptq.export.checkpoint import CheckpointError
+    from ptq.export.onnx import ExportError
+    from ptq.mixed.allocate import AllocationError
+    from ptq.models import ModelLoadError
+    from ptq.recon.run import ReconError
+    from ptq.synth.synthesizer import SynthError
+
+    errors = (OutputError, ConfigError, DataError, DistributedError, CheckpointError, ExportError, AllocationError,
+              ModelLoadError, ReconError, SynthError)  # fmt: skip
+    assert USER_ERRORS == (PtqError,) and all(issubclass(e, PtqError) for e in errors)
+    assert issubclass(ConfigError, ValueError) and issubclass(DataError, RuntimeError)  # callers' excepts still work

@@ -61,12 +61,14 @@ class Placement:
 @dataclass
 class PreparedState:
     """What `prepare` records on the model it returns, as `model.ptq_state`: where the quantizers sit, the example
-    shape it probed with, its config, and where the FP weights came from (`load_model`'s note, if any)."""
+    shape it probed with, its config, where the FP weights came from (`load_model`'s note, if any) and, once a job
+    has set it, the model's data config."""
 
     placement: Placement
     example_shape: tuple[int, ...]
     config: QuantConfig
     weights: str | None = None
+    data_config: dict | None = None
 
 
 def _gate_modules(model: nn.Module) -> set[int]:
