@@ -1,13 +1,12 @@
 """Serve large CPU tensors from the process heap instead of fresh mmap()ed pages (glibc only).
 
 glibc serves an allocation above `M_MMAP_THRESHOLD` (at most 32 MB by its own adjustment) with fresh pages from the
-OS, so every new activation-sized tensor of a CNN at 224² pays a page fault per 4 KiB page. Measured on 2 cores,
-three elementwise passes over a 77 MB tensor: 61 ms that way, 26 ms with the threshold raised so that freed blocks
-are reused. glibc also gives the free top of the heap back to the OS once it exceeds the trim threshold (128 KiB),
-and the next large tensor faults those pages in again: a forward+backward of lite0 at batch 32 on 2 cores paid
-~90,000 page faults and took 1.03–1.10 s that way, 0.93–0.94 s with the trim threshold at 512 MiB (no faults), at
-the same peak resident set and no higher peak in `benchmarks/recon_memory.py`. The threshold bounds what the
-process keeps without using (an earlier setting, its value not recorded, cost 1.2 GB more peak memory there). The
+OS, so every new activation-sized tensor of a CNN at 224² pays a page fault per 4 KiB page; with the threshold raised,
+freed blocks are reused (elementwise passes over a large tensor measured more than twice as fast on 2 cores). glibc
+also gives the free top of the heap back to the OS once it exceeds the trim threshold (128 KiB), and the next large
+tensor faults those pages in again: a forward+backward of lite0 at batch 32 paid tens of thousands of page faults
+that way and ran 10–17% slower than with the trim threshold at 512 MiB, at the same peak resident set
+(`benchmarks/recon_memory.py` measures the peak). The threshold bounds what the process keeps without using. The
 command line turns both on; `PTQ_MALLOC_TUNING=0` leaves the allocator as it is.
 """
 

@@ -32,7 +32,7 @@ from ptq.config import (
     with_values,
 )
 from ptq.export import checkpoint as _checkpoint
-from ptq.models import load_model
+from ptq.models import ModelLoadError, load_model
 from ptq.report import Report
 
 DEFAULT_RECIPE = "fast"  # what `ptq quantize` uses without --recipe
@@ -301,19 +301,23 @@ def evaluate(
             rows = run_specs([str(item)], data, batch_size, device, progress=progress)
         else:
             model, fp_model = item if isinstance(item, tuple) else (item, None)
+            note = None
             if isinstance(model, QuantizedModel):
                 name, kind, config = model.name, "quantized", model.data_config
                 if fp_model is None:
-                    fp_model, _ = load_model(model.name, checkpoint=model.checkpoint, device=device)
-                    fp_model.eval()
+                    try:
+                        fp_model, _ = load_model(model.name, checkpoint=model.checkpoint, device=device)
+                    except ModelLoadError as e:  # still report accuracy; fidelity needs the parent
+                        note = f"FP parent unavailable, no agreement/KL/SQNR (pass (qmodel, fp_model)): {e}"
             elif isinstance(model, nn.Module):
                 name, kind, config = _name_of(model), "fp", _data_config_of(model, None)
             else:
                 raise ConfigError(f"cannot evaluate a {type(model).__name__}: pass names, folders, files or modules")
             module = model.to(device).eval()
             fp = fp_model.to(device).eval() if fp_model is not None else None
-            rows = [measure(row_for(name, kind), lambda m=module, c=config, f=fp: (m, c, f), data, batch_size,
-                            device, progress=progress)]  # fmt: skip
+            row = row_for(name, kind) | {"error": note}
+            rows = [measure(row, lambda m=module, c=config, f=fp: (m, c, f), data, batch_size, device,
+                            progress=progress)]  # fmt: skip
         results += [Result(**row) for row in rows]
     return results
 
