@@ -104,7 +104,7 @@ class PlainProgress:
             return
         task["last"] = now
         elapsed = now - task["start"]
-        eta = elapsed / done * (total - done) if done and total and not finished else None
+        eta = elapsed / done * (total - done) if done and total and not finished and elapsed >= 1 else None
         parts = [f"{label}: {done}/{total if total is not None else '?'}", f"elapsed {_clock(elapsed)}"]
         parts += [f"eta {_clock(eta)}"] if eta is not None else []
         parts += [note] if note else []
