@@ -159,3 +159,14 @@ def test_quantize_layer_outputs_gives_every_layer_but_the_last_an_output_quantiz
     assert [n for n, q in reached.items() if q is None] == [last]
     bare = [n for n, q in plain.items() if q is None and n != last.removesuffix(".module")]
     assert bare and len(reached) == len(plain)
+
+
+def test_per_tensor_weights_get_one_scale_per_layer():
+    model = _model("test_resnet")
+    x = _x(model)
+    config = QuantConfig(w_bits=4, a_bits=8, w_granularity="tensor")
+    qmodel = calibrate(prepare(model, config, x[:1]), [x], config)
+    scales = {name: layer.weight_quantizer.scale.numel() for name, layer in quant_layers(qmodel).items()}
+    assert set(scales.values()) == {1}
+    per_channel = calibrate(prepare(model, QuantConfig(w_bits=4, a_bits=8), x[:1]), [x], QuantConfig(w_bits=4))
+    assert all(layer.weight_quantizer.scale.numel() > 1 for layer in quant_layers(per_channel).values())

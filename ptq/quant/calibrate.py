@@ -35,7 +35,7 @@ def _observer(config: QuantConfig, kind: ObserverKind, granularity: Granularity)
 
 
 def weight_observer(config: QuantConfig) -> Observer:
-    granularity = PerChannel(0) if config.w_granularity is WeightGranularity.CHANNEL else PerTensor()
+    granularity = PerChannel(0) if config.w_granularity is WeightGranularity.CHANNEL else PerTensor()  # axis 0
     return _observer(config, config.w_observer, granularity)
 
 

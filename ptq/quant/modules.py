@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from ptq.config import WeightGranularity
 from ptq.quant.functional import act_fake_quantize, channel_view, fake_quantize, qrange
 from ptq.quant.observers import Observer
 
@@ -93,10 +94,11 @@ class ActQuantizer(Quantizer):
 class QuantLayer(nn.Module):
     """A conv/linear layer with a quantized weight (per output channel) and an optional input quantizer."""
 
-    def __init__(self, layer: nn.Module, w_bits: int, per_channel: bool = True):
+    def __init__(self, layer: nn.Module, w_bits: int, granularity: WeightGranularity = WeightGranularity.CHANNEL):
         super().__init__()
         self.layer = layer
-        self.weight_quantizer = WeightQuantizer(w_bits, layer.weight.shape[0] if per_channel else 1)
+        channels = layer.weight.shape[0] if WeightGranularity(granularity) is WeightGranularity.CHANNEL else 1
+        self.weight_quantizer = WeightQuantizer(w_bits, channels)
         self.input_quantizer: ActQuantizer | None = None
 
     @property

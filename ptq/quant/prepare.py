@@ -30,7 +30,7 @@ from torch import nn
 
 from ptq import arch
 from ptq.arch import GRID_PRESERVING, SQUEEZE_EXCITE
-from ptq.config import HIGH_BITS, BitConvention, QuantConfig, WeightGranularity
+from ptq.config import HIGH_BITS, BitConvention, QuantConfig
 from ptq.probe import example_input, hooked
 from ptq.quant.equalize import ChannelClamp, equalize
 from ptq.quant.fold import fold_batchnorm, replace_module
@@ -200,12 +200,11 @@ def prepare(model: nn.Module, config: QuantConfig, example: torch.Tensor | None 
         fold_batchnorm(model, example)
     if config.equalize:
         equalize(model, example)
-    per_channel = config.w_granularity is WeightGranularity.CHANNEL
     targets = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not targets:
         raise ValueError("the model has no Conv2d or Linear layer to quantize")
     for name in targets:
-        replace_module(model, name, QuantLayer(model.get_submodule(name), config.w_bits, per_channel))
+        replace_module(model, name, QuantLayer(model.get_submodule(name), config.w_bits, config.w_granularity))
     _wrap_outputs(model, _nonlinearities_and_se(model), config.a_bits)
     blocks = frozenset(n for n, m in model.named_modules() if n and getattr(m, "has_skip", None) is not None)
     _wrap_outputs(model, _probe(model, example, blocks).unquantized_blocks, config.a_bits)
