@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from ptq.config import (
+    DEFAULT_RECIPE,
     ConfigError,
     QuantConfig,
     Recipe,
@@ -35,7 +36,6 @@ from ptq.export import checkpoint as _checkpoint
 from ptq.models import ModelLoadError, load_model
 from ptq.report import Report
 
-DEFAULT_RECIPE = "fast"  # what `ptq quantize` uses without --recipe
 Progress = Callable[..., None]
 
 
@@ -74,11 +74,9 @@ class QuantizedModel(nn.Module):
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the folder `ptq quantize` writes (packed checkpoint, quant_config.json, recipe.yaml, report.json),
         atomically; an existing non-empty folder is replaced only with `overwrite`."""
-        from ptq._io import check_output_dir
         from ptq.pipeline import write_output
 
         folder = Path(folder)
-        check_output_dir(folder, overwrite)
         recipe = self.recipe or Recipe(quant=build_config(QuantConfig, self.module.quant_meta["quant"], "quant."))
         report = copy.deepcopy(self.report) if self.report is not None else self._bare_report(recipe)
         write_output(folder, self.module, self.name, recipe, self.data_config, report, overwrite,
@@ -89,6 +87,11 @@ class QuantizedModel(nn.Module):
         q = recipe.quant
         return Report(model=self.name, weights=None, method=recipe.method.value, w_bits=q.w_bits, a_bits=q.a_bits,
                       bit_convention=q.first_last_bits.value, calibration={}, device="cpu")  # fmt: skip
+
+
+def default_device(device: str | None = None) -> str:
+    """`device`, or cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _name_of(model: nn.Module) -> str:
@@ -194,7 +197,7 @@ def quantize(
         raise ConfigError("calib is needed: a folder of images, a tensor, a DataLoader, or 'zero-shot'")
     zero_shot = isinstance(calib, str) and calib == "zero-shot"
     resolved = _recipe(recipe, zero_shot, overrides)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     folder = images = None
     if isinstance(calib, (str, Path)) and not zero_shot:
         folder = Path(calib)
@@ -239,23 +242,21 @@ def synthesize(
     model takes them), with the recipe's synthesis settings (`method`: intraq, genie, ...; `synth_iters=`,
     `synth_lr=`, ...). The set is kept in `out` or in the cache, keyed by model, weights and settings: a second
     call returns it at once and an interrupted one resumes."""
-    from ptq.calibration import default_synth_dir
+    from ptq.calibration import default_synth_dir, synthesize_set
+    from ptq.models import weights_digest
     from ptq.synth import SyntheticSet
-    from ptq.synth import synthesize as run_synthesis
 
     if method is not None:
         overrides["synth_method"] = method
     resolved = _recipe(recipe, True, {"num_images": num_images, **overrides})
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     if isinstance(model, str):
         name = model
         fp, config = load_model(model, device=device)
     else:
         name, fp, config = _name_of(model), copy.deepcopy(model).eval().to(device), _data_config_of(model, data_config)
-    from ptq.models import weights_digest
-
     folder = Path(out) if out is not None else default_synth_dir(name, config, resolved, weights_digest(fp))
-    run_synthesis(fp, name, config, resolved.synth, folder, device, None, False, progress)
+    synthesize_set(fp, name, config, resolved, folder, device=device, progress=progress)
     return SyntheticSet(folder).images[:num_images]
 
 
@@ -292,7 +293,7 @@ def evaluate(
     from ptq.eval.harness import evaluate as run_specs
     from ptq.eval.harness import measure, row_for
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     find_images(data)
     items = models if isinstance(models, list) else [models]
     results = []

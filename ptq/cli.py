@@ -25,6 +25,7 @@ from rich.table import Table
 from ptq import distributed
 from ptq._io import write_text
 from ptq.config import (
+    DEFAULT_RECIPE,
     Method,
     SynthMethod,
     bit_values,
@@ -43,7 +44,6 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-DEFAULT_RECIPE = "fast"  # what `ptq quantize` uses without --recipe
 USER_ERRORS = (PtqError,)  # every error ptq explains in one line
 
 
@@ -145,16 +145,12 @@ def progress_bars():
         yield update
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_device(device: str | None) -> str:
     import torch
 
-    device = device or default_device()
+    from ptq.api import default_device
+
+    device = default_device(device)
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -320,7 +316,7 @@ def quantize(
             and not any(o.startswith("quant.w_symmetric") for o in overrides)
         ):  # and weight grids with zero point 0: onnxruntime's int8 convs with per-channel weight zero points are
             # many times slower (≤ 4-bit weights have no integer kernels; their asymmetric grids measure better)
-            resolved = _resolve_recipe(recipe, ["quant.w_symmetric=true", *overrides], flags)
+            resolved = with_values(resolved, {"quant.w_symmetric": True})
             q = resolved.quant
         if not mixed.enabled and (size_budget or avg_bits or bops_budget or sensitivity):
             fail("--size-budget, --avg-bits, --bops-budget and --sensitivity apply to --bits auto (or --w-bits auto)")

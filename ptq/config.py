@@ -23,6 +23,7 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 RECIPE_VERSION = 1
 MIN_BITS, MAX_BITS = 2, 8
 HIGH_BITS = 8  # first/last layers under the brecq and qdrop conventions
+DEFAULT_RECIPE = "fast"  # what `ptq quantize` and `ptq.quantize` use without a recipe
 
 
 class ConfigError(PtqError, ValueError):

@@ -285,7 +285,6 @@ WEIGHT_CODES = ("auto", "unsigned", "signed")
 
 def _layer_steps(model: nn.Module) -> dict[str, tuple[float | None, float | None]]:
     """Per layer: the step of the quantizer its input comes from and of the one its output reaches (None: none)."""
-    from ptq.probe import example_input
     from ptq.quant.prepare import output_quantizers
 
     quantizers = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
@@ -294,10 +293,9 @@ def _layer_steps(model: nn.Module) -> dict[str, tuple[float | None, float | None
         q = quantizers.get(name) if name is not None else None
         return float(q.scale) if q is not None and q.enabled else None
 
-    shape = getattr(getattr(model, "ptq_state", None), "example_shape", None)
-    example = torch.zeros(shape) if shape is not None else example_input(model)
-    outputs = output_quantizers(model, example[:1])
-    producers = getattr(getattr(getattr(model, "ptq_state", None), "placement", None), "input_producer", {})
+    state = model.ptq_state  # what `prepare` recorded
+    outputs = output_quantizers(model, torch.zeros(state.example_shape)[:1])
+    producers = state.placement.input_producer
     steps = {}
     for name, layer in quant_layers(model).items():
         q_in = layer.input_quantizer
@@ -495,7 +493,7 @@ def write_onnx(
     weight_types = {
         name: f"{'INT' if layer.signed else 'UINT'}{4 if layer.int4 else 8}" for name, layer in layers.items()
     }
-    last = getattr(getattr(getattr(qmodel, "ptq_state", None), "placement", None), "last_layer", None)
+    last = qmodel.ptq_state.placement.last_layer
     blockers = {  # why a conv cannot run in onnxruntime's int8 kernels (4-bit layers have none anyway)
         "asymmetric_weights": sum(not m.int4 and not m.symmetric for m in layers.values()),
         "unquantized_outputs": sum(not m.int4 and not m.output_quantized for n, m in layers.items() if n != last),
