@@ -40,8 +40,8 @@ def main() -> None:
     for label, w, a, convention in SETTINGS:
         start = time.perf_counter()
         qmodel = ptq.quantize(
-            args.model, calib=args.data, recipe="rtn", w_bits=w, a_bits=a, first_last_bits=convention,
-            device=args.device,
+            args.model, calib=args.data, eval_data=args.data, recipe="rtn", w_bits=w, a_bits=a,
+            first_last_bits=convention, device=args.device,
         )  # fmt: skip
         wall = time.perf_counter() - start
         report = qmodel.report.to_dict()

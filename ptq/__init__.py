@@ -5,11 +5,11 @@
     qmodel.save("runs/lite0-w4a8")
     ptq.evaluate(["tf_efficientnet_lite0", ptq.load_quantized("runs/lite0-w4a8")], "data/samples")
 
-The verbs (`quantize`, `synthesize`, `evaluate`, `load_quantized`) are what the `ptq` command runs; the stages
-they are made of (`prepare`, `calibrate`, ...) stay importable for custom pipelines.
+The verbs (`quantize`, `synthesize`, `sensitivity`, `evaluate`, `load_quantized`) are what the `ptq` command
+runs; the stages they are made of (`prepare`, `calibrate`, ...) stay importable for custom pipelines.
 """
 
-from ptq.api import QuantizedModel, Result, evaluate, load_quantized, quantize, synthesize
+from ptq.api import QuantizedModel, Result, evaluate, load_quantized, quantize, sensitivity, synthesize
 from ptq.config import ConfigError, QuantConfig, Recipe, keyword_names, load_recipe
 from ptq.errors import PtqError
 from ptq.export import save_quantized
@@ -35,6 +35,7 @@ __all__ = [
     "prepare",
     "quantize",
     "save_quantized",
+    "sensitivity",
     "set_quant_state",
     "synthesize",
 ]

@@ -159,6 +159,55 @@ def _recipe(recipe: str | Path | Recipe, zero_shot: bool, overrides: dict[str, A
     return with_values(base, values)
 
 
+def _is_zero_shot(calib: Any) -> bool:
+    return isinstance(calib, str) and calib == "zero-shot"
+
+
+def _job(
+    model: str | nn.Module,
+    calib: str | Path | torch.Tensor | Iterable,
+    resolved: Recipe,
+    device: str,
+    data_config: dict | None,
+    checkpoint: str | Path | None,
+    real_images: str | Path | None,
+    **fields: Any,
+):
+    """The pipeline's job for a model (name or module) and a calibration source, with the model already loaded
+    when it was given in memory (else None: the job loads it, once per process group under torchrun)."""
+    from ptq.pipeline import Job
+
+    if calib is None:
+        raise ConfigError("calib is needed: a folder of images, a tensor, a DataLoader, or 'zero-shot'")
+    zero_shot = _is_zero_shot(calib)
+    folder = images = None
+    if isinstance(calib, (str, Path)) and not zero_shot:
+        folder = Path(calib)
+    elif not zero_shot:
+        images = _images(calib, resolved.calib.num_images)
+    if zero_shot and real_images is not None:
+        folder = Path(real_images)
+    name, loaded = _loaded(model, checkpoint, data_config, device)
+    job = Job(name, resolved, calib_data=folder, images=images, zero_shot=zero_shot, checkpoint=checkpoint,
+              device=device, **fields)  # fmt: skip
+    return job, loaded
+
+
+def _loaded(
+    model: str | nn.Module, checkpoint: str | Path | None, data_config: dict | None, device: str
+) -> tuple[str, tuple[nn.Module, dict] | None]:
+    """(name, None) for a timm name; (name, (FP copy on `device`, data config)) for a model in memory."""
+    if isinstance(model, str):
+        return model, None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a timm name or an nn.Module, got {type(model).__name__}")
+    if checkpoint is not None:
+        raise ConfigError("checkpoint= loads weights for a timm name; load them into the model you pass instead")
+    fp = copy.deepcopy(model).eval().to(device)
+    fp.ptq_weights_source = "in-memory model"
+    return _name_of(model), (fp, _data_config_of(model, data_config))
+
+
 def quantize(
     model: str | nn.Module,
     calib: str | Path | torch.Tensor | Iterable,
@@ -190,74 +239,120 @@ def quantize(
     synthesizes from (zero-shot with `synth_method="fdda"`); `sensitivity`: a table made by `ptq sensitivity` to
     reuse for `w_bits="auto"`.
     """
-    from ptq.pipeline import Job
     from ptq.pipeline import quantize as run_job
 
-    if calib is None:
-        raise ConfigError("calib is needed: a folder of images, a tensor, a DataLoader, or 'zero-shot'")
-    zero_shot = isinstance(calib, str) and calib == "zero-shot"
-    resolved = _recipe(recipe, zero_shot, overrides)
+    resolved = _recipe(recipe, _is_zero_shot(calib), overrides)
     device = default_device(device)
-    folder = images = None
-    if isinstance(calib, (str, Path)) and not zero_shot:
-        folder = Path(calib)
-    elif not zero_shot:
-        images = _images(calib, resolved.calib.num_images)
-    if zero_shot and real_images is not None:
-        folder = Path(real_images)
-    if isinstance(model, str):
-        name, loaded = model, None  # loaded by the job (once per process group under torchrun)
-    elif isinstance(model, nn.Module):
-        if checkpoint is not None:
-            raise ConfigError("checkpoint= loads weights for a timm name; load them into the model you pass instead")
-        name = _name_of(model)
-        fp = copy.deepcopy(model).eval().to(device)
-        fp.ptq_weights_source = "in-memory model"
-        loaded = (fp, _data_config_of(model, data_config))
-    else:
-        raise ConfigError(f"model must be a timm name or an nn.Module, got {type(model).__name__}")
-    job = Job(
-        name, resolved, calib_data=folder, images=images, zero_shot=zero_shot, synth_data=synth_data,
-        eval_data=eval_data, out=out, checkpoint=checkpoint, sensitivity_file=sensitivity, device=device,
-        overwrite=overwrite,
-    )  # fmt: skip
+    job, loaded = _job(model, calib, resolved, device, data_config, checkpoint, real_images, synth_data=synth_data,
+                       eval_data=eval_data, out=out, sensitivity_file=sensitivity, overwrite=overwrite)  # fmt: skip
     qmodel, report = run_job(job, progress, loaded)
     data_config = qmodel.ptq_state.data_config
-    return QuantizedModel(qmodel, name, data_config, resolved, report, str(checkpoint) if checkpoint else None)
+    return QuantizedModel(qmodel, job.model, data_config, resolved, report, str(checkpoint) if checkpoint else None)
 
 
 def synthesize(
     model: str | nn.Module,
-    num_images: int = 64,
+    num_images: int | None = None,
     *,
     method: str | None = None,
     recipe: str | Path | Recipe = DEFAULT_RECIPE,
     data_config: dict | None = None,
+    checkpoint: str | Path | None = None,
+    real_images: str | Path | None = None,
     out: str | Path | None = None,
+    overwrite: bool = False,
     device: str | None = None,
     progress: Progress | None = None,
     **overrides: Any,
 ) -> torch.Tensor:
-    """`num_images` calibration images synthesized from the model's BatchNorm statistics (preprocessed, as the
-    model takes them), with the recipe's synthesis settings (`method`: intraq, genie, ...; `synth_iters=`,
-    `synth_lr=`, ...). The set is kept in `out` or in the cache, keyed by model, weights and settings: a second
-    call returns it at once and an interrupted one resumes."""
+    """Calibration images synthesized from the model's BatchNorm statistics (preprocessed, as the model takes
+    them): `num_images` of them (default: the recipe's), with the recipe's synthesis settings (`method`: intraq,
+    genie, fdda, ...; `synth_iters=`, `synth_lr=`, `synth_seed=`, ...). The set is kept in `out` or in the cache,
+    keyed by model, weights and settings: a second call returns it at once and an interrupted one resumes; a
+    folder holding a set made with other settings is replaced only with `overwrite`. `real_images`: the folder of
+    real images FDDA starts from (one per class is enough)."""
+    from ptq.synth import SyntheticSet
+
+    folder, _ = synthesize_folder(model, num_images, method=method, recipe=recipe, data_config=data_config,
+                                  checkpoint=checkpoint, real_images=real_images, out=out, overwrite=overwrite,
+                                  device=device, progress=progress, **overrides)  # fmt: skip
+    images = SyntheticSet(folder).images
+    return images if num_images is None else images[:num_images]
+
+
+def synthesize_folder(
+    model: str | nn.Module,
+    num_images: int | None = None,
+    *,
+    method: str | None = None,
+    recipe: str | Path | Recipe = DEFAULT_RECIPE,
+    data_config: dict | None = None,
+    checkpoint: str | Path | None = None,
+    real_images: str | Path | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> tuple[Path, dict[str, Any]]:
+    """`synthesize`, returning the set's folder and its metadata (timings, losses, resumed batches) instead of
+    the images: what `ptq synthesize` prints."""
+    from ptq import distributed
     from ptq.calibration import default_synth_dir, synthesize_set
     from ptq.models import weights_digest
-    from ptq.synth import SyntheticSet
+    from ptq.synth.run import check_synth_dir
+    from ptq.synth.run import fingerprint as synth_fingerprint
 
     if method is not None:
         overrides["synth_method"] = method
-    resolved = _recipe(recipe, True, {"num_images": num_images, **overrides})
+    if num_images is not None:
+        overrides["num_images"] = num_images
+    resolved = _recipe(recipe, True, overrides)
     device = default_device(device)
-    if isinstance(model, str):
-        name = model
-        fp, config = load_model(model, device=device)
+    name, loaded = _loaded(model, checkpoint, data_config, device)
+    if loaded is None:
+        loaded = distributed.together(load_model, name, checkpoint=checkpoint, device=device)
+    fp, config = loaded
+    digest = weights_digest(fp)
+    if out is None:
+        folder = default_synth_dir(name, config, resolved, digest)
     else:
-        name, fp, config = _name_of(model), copy.deepcopy(model).eval().to(device), _data_config_of(model, data_config)
-    folder = Path(out) if out is not None else default_synth_dir(name, config, resolved, weights_digest(fp))
-    synthesize_set(fp, name, config, resolved, folder, device=device, progress=progress)
-    return SyntheticSet(folder).images[:num_images]
+        folder = Path(out)
+        distributed.on_main(check_synth_dir, folder, synth_fingerprint(name, config, resolved.synth, digest), overwrite)
+    meta, _ = synthesize_set(fp, name, config, resolved, folder, real_images, device, overwrite, progress)
+    return folder, meta
+
+
+def sensitivity(
+    model: str | nn.Module,
+    calib: str | Path | torch.Tensor | Iterable,
+    *,
+    out: str | Path,
+    recipe: str | Path | Recipe = "rtn",
+    data_config: dict | None = None,
+    checkpoint: str | Path | None = None,
+    synth_data: str | Path | None = None,
+    real_images: str | Path | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Per-layer Hessian sensitivity of the model's loss to each weight width, the Pareto front of weight size vs
+    predicted KL, and the best allocation under a budget (`mixed_size_budget=`, `mixed_avg_bits=`,
+    `mixed_bops_budget=`; default 4 bits per weight on average), written to `out` (sensitivity.json, .csv, .png)
+    and returned as the dict sensitivity.json holds. `calib` as for `quantize`; `num_images` sets how many images
+    the measurement uses. The table is what `quantize(..., w_bits="auto", sensitivity=out)` reuses."""
+    from ptq.pipeline import sensitivity as run_sensitivity
+
+    zero_shot = _is_zero_shot(calib)
+    if overrides.get("num_images") is not None and "mixed_images" not in overrides:
+        overrides["mixed_images"] = overrides["num_images"]
+    resolved = _recipe(recipe, zero_shot, overrides)
+    device = default_device(device)
+    job, loaded = _job(model, calib, resolved, device, data_config, checkpoint, real_images, synth_data=synth_data,
+                       out=out, overwrite=overwrite)  # fmt: skip
+    return run_sensitivity(job, progress, loaded)
 
 
 @dataclasses.dataclass

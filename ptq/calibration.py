@@ -85,7 +85,10 @@ def synthesize_set(
     class_stats = None
     if recipe.synth.method is SynthMethod.FDDA:
         if calib_data is None:
-            raise SynthError("fdda needs a few real images (one per class is enough): pass --calib-data DIR")
+            raise SynthError(
+                "fdda needs a few real images (one per class is enough): pass --calib-data DIR "
+                "(in Python: real_images=DIR)"
+            )
         real, labels = real_images(calib_data, data_config, recipe.calib.num_images, recipe.calib.seed)
         class_stats = class_statistics(fp_model, real.to(device), labels.to(device) if labels is not None else None)
     meta = synthesize(fp_model, model_name, data_config, recipe.synth, out, device, class_stats, overwrite, progress)

@@ -324,7 +324,8 @@ def quantize(
         dev = start(device)
         with progress_bars() as progress:
             qmodel = run_quantize(
-                model, calib="zero-shot" if zero_shot else calib_data, recipe=resolved, eval_data=eval_data,
+                model, calib="zero-shot" if zero_shot else calib_data, recipe=resolved,
+                eval_data=eval_data or calib_data,
                 checkpoint=checkpoint, out=out, overwrite=overwrite, device=dev, progress=progress,
                 synth_data=synth_data, sensitivity=sensitivity, real_images=calib_data if zero_shot else None,
             )  # fmt: skip
@@ -361,8 +362,7 @@ def sensitivity_command(
 ) -> None:
     """Per-layer Hessian sensitivity to weight bits, the Pareto front of size vs predicted loss, and the best
     allocation under a budget (default: 4 bits per weight on average)."""
-    from ptq.pipeline import Job
-    from ptq.pipeline import sensitivity as run_sensitivity
+    from ptq.api import sensitivity as run_sensitivity
 
     if calib_data is None and not zero_shot:
         fail("no calibration data: pass --calib-data DIR (a folder of images), or --zero-shot to synthesize it")
@@ -377,11 +377,11 @@ def sensitivity_command(
         resolved = _resolve_recipe(recipe, overrides, flags)
         dev = start(device)
         with progress_bars() as progress:
-            job = Job(
-                model, resolved, calib_data=calib_data, zero_shot=zero_shot, synth_data=synth_data, out=out,
-                checkpoint=checkpoint, device=dev, overwrite=overwrite,
+            result = run_sensitivity(
+                model, "zero-shot" if zero_shot else calib_data, out=out, recipe=resolved, checkpoint=checkpoint,
+                synth_data=synth_data, real_images=calib_data if zero_shot else None, overwrite=overwrite,
+                device=dev, progress=progress,
             )  # fmt: skip
-            result = run_sensitivity(job, progress)
     _print_sensitivity(result, out)
 
 
@@ -444,10 +444,7 @@ def synthesize(
     overwrite: Annotated[bool, typer.Option(help="Replace a set made with other settings in --out.")] = False,
 ) -> None:
     """Synthesize calibration images from a pretrained model's BatchNorm statistics (rerun to resume)."""
-    from ptq.calibration import synthesize_set
-    from ptq.models import load_model, weights_digest
-    from ptq.synth.run import check_synth_dir
-    from ptq.synth.run import fingerprint as synth_fingerprint
+    from ptq.api import synthesize_folder
 
     flags = {
         "synth.method": method,
@@ -460,11 +457,9 @@ def synthesize(
     with user_errors("finished batches are kept; rerun the same command to resume"):
         resolved = _resolve_recipe(recipe, overrides, flags)
         dev = start(device)
-        fp_model, data_config = distributed.together(load_model, model, checkpoint=checkpoint, device=dev)
-        fp = synth_fingerprint(model, data_config, resolved.synth, weights_digest(fp_model))
-        distributed.on_main(check_synth_dir, out, fp, overwrite)  # before any work
         with progress_bars() as progress:
-            meta, _ = synthesize_set(fp_model, model, data_config, resolved, out, calib_data, dev, overwrite, progress)
+            _, meta = synthesize_folder(model, recipe=resolved, checkpoint=checkpoint, real_images=calib_data,
+                                        out=out, overwrite=overwrite, device=dev, progress=progress)  # fmt: skip
     last = meta["batch_losses"][-1] if meta["batch_losses"] else {}
     console.print(
         f"wrote {meta['num_images']} {meta['method']} images for {model} to {out}/ in {meta['seconds']:.1f}s "

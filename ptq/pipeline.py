@@ -164,7 +164,7 @@ def quantize(
     recipe = job.recipe
     q = recipe.quant
     fp_model, data_config, qmodel = _load_prepared(job, timings, loaded)
-    eval_folder = job.eval_data or job.calib_data
+    eval_folder = job.eval_data
     evalset = distributed.together(ImageFolder, eval_folder, data_config) if eval_folder is not None else None
     budget = Budget.from_config(recipe.mixed) if recipe.mixed.enabled else None
     if budget is not None:  # an impossible budget fails before synthesis or the sensitivity pass
@@ -254,15 +254,17 @@ def _size(fp_bytes: int | None, q_bytes: int) -> dict[str, Any]:
     return {"fp32_bytes": fp_bytes, "checkpoint_bytes": q_bytes, "ratio": ratio}
 
 
-def sensitivity(job: Job, progress: Progress | None = None) -> dict[str, Any]:
+def sensitivity(
+    job: Job, progress: Progress | None = None, loaded: tuple[nn.Module, dict] | None = None
+) -> dict[str, Any]:
     """Per-layer sensitivity table, the Pareto front of (weight size, predicted KL) and the optimum under the
     budget (4 average bits when none is set), written to `job.out` as sensitivity.json, sensitivity.csv and
-    sensitivity.png."""
+    sensitivity.png. `loaded`: a model (and its data config) already in memory."""
     timings: dict[str, float] = {}
     recipe = job.recipe
     mixed = recipe.mixed if recipe.mixed.has_budget else dataclasses.replace(recipe.mixed, avg_bits=4.0)
     budget = Budget.from_config(mixed)
-    fp_model, data_config, qmodel = _load_prepared(job, timings, None)
+    fp_model, data_config, qmodel = _load_prepared(job, timings, loaded)
     check_feasible(describe_layers(qmodel, mixed, recipe.quant.first_last_bits), budget)
     _, synth_meta, batches = calibration_data(fp_model, data_config, job, progress, timings)
     with _timed(timings, "sensitivity"):

@@ -1,16 +1,11 @@
 """The Python front door: ptq.quantize / synthesize / evaluate / load_quantized on timm names and in-memory models."""
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 from conftest import ROOT, SAMPLES
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ptq
@@ -28,29 +23,6 @@ def tiny():
 @pytest.fixture(scope="module")
 def images():
     return torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-
-def test_command_and_python_write_the_same_checkpoint(tmp_path, tiny):
-    """The same seeded job through `ptq quantize` and through `ptq.quantize(...).save()`: identical tensors and
-    quantization config (the CLI is a shell over the same job)."""
-    weights = tmp_path / "w.safetensors"
-    save_file(tiny.state_dict(), str(weights))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = ["quantize", "test_resnet", "--checkpoint", str(weights), "--calib-data", str(SAMPLES), "--recipe", "rtn",
-            "--bits", "4", "--set", "calib.num_images=16", "--out", str(tmp_path / "cli")]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "ptq.cli", *args], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
-    assert re.search(r"^activation ranges: \d+/\d+ elapsed \d:\d\d:\d\d done$", done.stderr, re.M), done.stderr
-    qmodel = ptq.quantize(
-        "test_resnet", calib=SAMPLES, checkpoint=weights, recipe="rtn", bits=4, calib_num_images=16, device="cpu"
-    )
-    qmodel.save(tmp_path / "py")
-    a, b = load_file(str(tmp_path / "cli" / "model.safetensors")), load_file(str(tmp_path / "py" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    configs = [json.loads((tmp_path / d / "quant_config.json").read_text()) for d in ("cli", "py")]
-    assert configs[0] == configs[1]
-    report = json.loads((tmp_path / "py" / "report.json").read_text())
-    assert report["w_bits"] == 4 and report["calibration"]["images"] == 16 and report["size"]["ratio"] < 0.3
 
 
 def test_in_memory_model_tensor_or_loader_and_reload(tmp_path, tiny, images):
@@ -123,14 +95,28 @@ def test_synthesize_and_evaluate(tmp_path, tiny):
     assert rows[1].agreement is None
 
 
-def test_the_readme_python_section_runs_as_written(tmp_path):
+def test_sensitivity_then_quantize_with_its_table(tmp_path, tiny, images):
+    """ptq.sensitivity writes the table `ptq sensitivity` writes; quantize(w_bits="auto", sensitivity=...) reuses it
+    and gets the allocation it chose."""
+    run = dict(calib=images, data_config=SIZE, device="cpu", mixed_avg_bits=5.0)
+    result = ptq.sensitivity(tiny, **run, out=tmp_path / "sens", num_images=8, mixed_probes=2)
+    assert result["table"]["images"] == 8 and result["budget"]["avg_bits"] == 5.0
+    assert (tmp_path / "sens" / "sensitivity.json").is_file() and (tmp_path / "sens" / "sensitivity.csv").is_file()
+    chosen = result["chosen"]["bits"]
+    assert set(chosen.values()) <= {2, 3, 4, 5, 6, 8} and result["chosen"]["avg_bits"] <= 5.0 + 1e-6
+    with pytest.raises(Exception, match="not empty|exists"):
+        ptq.sensitivity(tiny, **run, out=tmp_path / "sens", num_images=8, mixed_probes=2)
+    qmodel = ptq.quantize(tiny, **run, recipe="rtn", w_bits="auto", sensitivity=tmp_path / "sens")
+    assert {name: bits["w_bits"] for name, bits in qmodel.bits.items() if name in chosen} == chosen
+
+
+def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch):
     """The README's Python section, executed as written from a folder holding the repository's data/."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Python", 1)[1].split("\n## ", 1)[0]
     code = "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.S))
     assert "ptq.quantize" in code and "ptq.evaluate" in code
     (tmp_path / "data").symlink_to(ROOT / "data")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert (tmp_path / "runs" / "lite0-w8a8" / "model.safetensors").is_file()

@@ -131,11 +131,11 @@ def test_distributed_synthesis_makes_the_same_set_and_resumes_with_any_number_of
 
 
 def test_data_parallel_reconstruction_matches_one_process_and_resumes_its_units(
-    tmp_path, checkpoints, samples_dir, one_thread, monkeypatch
+    tmp_path, checkpoints, samples_dir, labelled_photos, one_thread, monkeypatch
 ):
     args = ["quantize", "--recipe", "rtn", "test_resnet", "--checkpoint", checkpoints["test_resnet"], "--bits", 4]
-    args += ["--calib-data", samples_dir, "--eval-data", samples_dir, "--method", "qdrop", "--device", "cpu"]
-    args += ["--set", "recon.keep_prob=1.0", "--set", "calib.num_images=12", "--set", "recon.iters=30"]
+    args += ["--calib-data", samples_dir, "--eval-data", labelled_photos, "--method", "qdrop", "--device", "cpu"]
+    args += ["--set", "recon.keep_prob=1.0", "--set", "calib.num_images=12", "--set", "recon.iters=15"]
     args += ["--set", "recon.batch_size=4"]  # no random drops: the same steps exactly, up to float sums
     result = runner.invoke(app, [*map(str, args), "--out", str(tmp_path / "one")])
     assert result.exit_code == 0, result.output
@@ -197,10 +197,10 @@ def test_a_rank_waiting_past_the_timeout_ends_the_job_with_one_clear_line(tmp_pa
     """intraq's first round is one batch: rank 1 waits for rank 0 in the all-reduce of the class centres."""
     args = ["synthesize", "test_efficientnet", "--checkpoint", checkpoints["test_efficientnet"], "--method", "intraq"]
     result = torchrun(*args, "--num-images", 4, "--batch-size", 2, "--iters", 100000, "--out", tmp_path / "s",
-                      ok=False, timeout=8)  # fmt: skip
+                      ok=False, timeout=5)  # fmt: skip
     assert result.returncode != 0
     errors = [line for line in result.stdout.splitlines() + result.stderr.splitlines() if line.startswith("error:")]
-    assert errors and "waited longer than PTQ_DIST_TIMEOUT=8 s" in errors[0]
+    assert errors and "waited longer than PTQ_DIST_TIMEOUT=5 s" in errors[0]
 
 
 def test_bad_input_that_every_rank_meets_after_joining_is_reported_once(tmp_path, checkpoints):
@@ -209,14 +209,10 @@ def test_bad_input_that_every_rank_meets_after_joining_is_reported_once(tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     out = ["--calib-data", empty, "--out", tmp_path / "q"]
-    for args, expected in (
-        (["no_such_model"], "unknown model 'no_such_model'"),
-        (["test_resnet", "--checkpoint", checkpoints["test_resnet"]], "no images in"),
-    ):
-        result = torchrun("quantize", *args, *out, ok=False)
-        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
-        assert result.returncode != 0 and len(errors) == 1 and expected in errors[0], errors
-        assert not (tmp_path / "q").exists()
+    result = torchrun("quantize", "test_resnet", "--checkpoint", checkpoints["test_resnet"], *out, ok=False)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1 and "no images in" in errors[0], errors
+    assert not (tmp_path / "q").exists()
 
 
 def test_gptq_with_bias_correction_gives_the_same_model_on_two_processes(

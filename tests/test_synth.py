@@ -377,7 +377,7 @@ def test_a_diverging_batch_falls_back_on_its_best_state(digits_model, caplog):
     """A window in which the loss blows up (a term pushing every pixel up for iterations 61-80) is undone."""
 
     def final(divergence, spike):
-        config = SynthConfig(method="bns", iters=200, batch_size=16, divergence=divergence)
+        config = SynthConfig(method="bns", iters=200, batch_size=8, divergence=divergence)
         synth = Synthesizer(digits_model, SIZE, config)
         loss, calls = synth._loss, [0]
 
@@ -389,7 +389,7 @@ def test_a_diverging_batch_falls_back_on_its_best_state(digits_model, caplog):
             return parts
 
         synth._loss = spiked
-        return synth.batch(0, 16).losses["bns"]
+        return synth.batch(0, 8).losses["bns"]
 
     clean = final(4.0, spike=False)
     assert clean == final(0, spike=False)  # a run that does not diverge is untouched by the guard
