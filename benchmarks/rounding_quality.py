@@ -46,6 +46,7 @@ from synth_quality import judge  # noqa: E402
 BC = "quant.bias_correction=empirical"
 SHORT = ["recon.lr=0.01", "recon.batch_size=32"]  # short-run reconstruction settings for a CPU
 METHODS: dict[str, list[str]] = {
+    "default": [],  # the recipe `ptq quantize` uses without --recipe (fast), as shipped
     "rtn": [],
     "rtn+bc": [BC],
     "rtn+abc": ["quant.bias_correction=analytic"],
@@ -87,11 +88,11 @@ def synthetic_set(model, name, data_config, images, iters, lr, device, batch=32)
     return SyntheticSet(folder).images[:images], str(folder)
 
 
-def cell(model, calib, overrides, batch, device, name=None) -> tuple[torch.nn.Module, dict]:
-    """One quantized model made the way `ptq quantize` makes it, from the recipe `rtn` with `overrides` (bits
-    included); `name` is the timm name, needed for mixed precision. Times the method's own stage: the sensitivity
+def cell(model, calib, overrides, batch, device, name=None, recipe="rtn") -> tuple[torch.nn.Module, dict]:
+    """One quantized model made the way `ptq quantize` makes it, from `recipe` (`rtn`, or `fast` for the default)
+    with `overrides` (bits included); `name` is the timm name, needed for mixed precision. Times the method's own stage: the sensitivity
     pass of mixed precision, the layer-wise pass and reconstruction (calibration, which all share, is left out)."""
-    recipe = load_recipe("rtn", overrides)
+    recipe = load_recipe(recipe, overrides)
     batches = [calib[i : i + batch].to(device) for i in range(0, len(calib), batch)]
     qmodel = prepare(model, recipe.quant, batches[0][:1])
     wall, cpu = time.perf_counter(), time.process_time()
@@ -179,7 +180,8 @@ def main() -> None:
             if (w, a, method) in done:
                 continue
             overrides = [f"quant.w_bits={w}", f"quant.a_bits={a}", *METHODS[method]]
-            qmodel, info = cell(model, calib, overrides, args.batch, device, name)
+            recipe = "fast" if method == "default" else "rtn"
+            qmodel, info = cell(model, calib, overrides, args.batch, device, name, recipe)
             summary = judge(qmodel, model, x, y, device)
             result["rows"].append({"w_bits": w, "a_bits": a, "method": method, **summary, **info})
             write_result(result, out.name, str(out))

@@ -559,7 +559,9 @@ def _print_quantize_report(report: dict[str, Any], out: Path) -> None:
             f"{mixed['weight_bytes'] / 1e6:.3f} / {mixed['avg_bits']:.2f} ({_budget_text(mixed['budget'])})",
         )
     recon = report.get("reconstruction")
-    if recon:
+    if recon and recon.get("skipped"):
+        table.add_row("reconstruction", f"skipped: {recon['reason']}")
+    elif recon:
         cache = recon["cache"]
         table.add_row(
             "reconstruction cache",

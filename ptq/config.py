@@ -336,7 +336,9 @@ class ReconConfig:
     Values left None take the method's published default: `reg_weight` 0.1 for MobileNetV2-like networks (any
     depthwise convolution), else 0.01; `keep_prob` 0.5 for qdrop, else 1; `act_steps` joint
     for qdrop, second_pass for brecq, fixed for adaround; `act_lr` 4e-5 (joint) or 4e-4 (second pass);
-    `act_iters` (second pass) a quarter of `iters` (5,000 for 20,000)."""
+    `act_iters` (second pass) a quarter of `iters` (5,000 for 20,000). With `budget_gmacs`, a model whose
+    reconstruction would cost more (3 × MACs per image × batch × iterations) is left as the layer-wise pass made it:
+    the default recipe reconstructs small-input networks, where it is cheap, and not 224² ones."""
 
     iters: int = 20000
     batch_size: int = 32
@@ -353,10 +355,18 @@ class ReconConfig:
     cache_dtype: CacheDtype = CacheDtype.FLOAT32
     init: RoundingInit = RoundingInit.NEAREST
     act_search: bool = False  # activation steps start from a search on each unit's output error
+    # the most reconstruction work the recipe allows, in GMAC: 3 × (MACs per image) × batch_size × iters (forward and
+    # backward); a model whose estimate exceeds it keeps the layer-wise rounding without reconstruction
+    budget_gmacs: float | None = None
     seed: int = 0
 
     def __post_init__(self):
         coerce_enums(self)
+        if self.budget_gmacs is not None and not (
+            isinstance(self.budget_gmacs, (int, float)) and not isinstance(self.budget_gmacs, bool)
+            and self.budget_gmacs > 0
+        ):  # fmt: skip
+            raise ConfigError(f"recon.budget_gmacs must be a number > 0 (or null), got {self.budget_gmacs!r}")
         for name in ("iters", "batch_size", "act_iters"):
             value = getattr(self, name)
             if value is None and name == "act_iters":

@@ -29,6 +29,7 @@ from ptq.config import (
     BiasCorrection,
     Method,
     Recipe,
+    ReconConfig,
     RoundingInit,
     check_job_recipe,
     dump_recipe,
@@ -45,7 +46,7 @@ from ptq.mixed.sensitivity import describe_layers
 from ptq.models import load_model
 from ptq.quant import calibrate, prepare
 from ptq.quant.modules import quant_layers
-from ptq.quant.prepare import layer_bits
+from ptq.quant.prepare import layer_bits, layer_macs
 from ptq.recon.analytic import analytic_input_means
 from ptq.recon.engine import fp_reference
 from ptq.recon.layerwise import Rounding, round_layers
@@ -307,8 +308,10 @@ def round_weights(
     timings = {} if timings is None else timings
     q = recipe.quant
     layerwise = needs_layerwise(recipe)
+    skipped = over_budget(qmodel, recipe.recon) if recipe.method.reconstructs else None
+    reconstructs = recipe.method.reconstructs and skipped is None
     # the FP targets of reconstruction, taken before the layer-wise pass changes weights and biases
-    reference = fp_reference(qmodel) if recipe.method.reconstructs else None
+    reference = fp_reference(qmodel) if reconstructs else None
     rounding_summary = recon_summary = starts = None
     if layerwise:
         with _timed(timings, "round"):
@@ -316,13 +319,32 @@ def round_weights(
                 qmodel, batches, layerwise, recipe.gptq, q.bias_correction, reference, work_dir, progress,
                 analytic_means=_analytic_means(qmodel, fp_model, q, batches),
             )  # fmt: skip
-    if recipe.method.reconstructs:
+    if skipped is not None:
+        log.info("reconstruction skipped: %s", skipped["reason"])
+        recon_summary = skipped
+    if reconstructs:
         context = {"quant": to_plain(q.__dict__), "gptq": to_plain(recipe.gptq.__dict__), "bits": layer_bits(qmodel)}
         with _timed(timings, "reconstruct"):
             recon_summary = reconstruct(
                 qmodel, batches, recipe.method, recipe.recon, work_dir, progress, reference, starts, context
             )
     return rounding_summary, recon_summary
+
+
+def over_budget(qmodel: nn.Module, recon: ReconConfig) -> dict[str, Any] | None:
+    """Why reconstruction is skipped (its estimated work, 3 × MACs per image × batch × iterations, exceeds
+    `recon.budget_gmacs`), or None when it runs."""
+    if recon.budget_gmacs is None:
+        return None
+    gmacs = 3 * sum(layer_macs(qmodel).values()) * recon.batch_size * recon.iters / 1e9
+    if gmacs <= recon.budget_gmacs:
+        return None
+    return {
+        "skipped": True,
+        "estimated_gmacs": round(gmacs, 1),
+        "budget_gmacs": recon.budget_gmacs,
+        "reason": f"its estimated {gmacs:.0f} GMAC exceed recon.budget_gmacs={recon.budget_gmacs:g}",
+    }
 
 
 def needs_layerwise(recipe: Recipe) -> Rounding | None:

@@ -29,11 +29,10 @@ from torch import nn
 
 from ptq.config import HIGH_BITS, BitConvention, LayerKind, MixedConfig, QuantConfig, TraceEstimator
 from ptq.export.packing import packed_size
-from ptq.probe import hooked
 from ptq.quant.calibrate import weight_observer
 from ptq.quant.functional import channel_view, fake_quantize
 from ptq.quant.modules import Quantizer, act_quantizers, quant_layers, set_quant_state
-from ptq.quant.prepare import Placement
+from ptq.quant.prepare import Placement, layer_macs
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int | None], None]
@@ -127,15 +126,7 @@ def describe_layers(model: nn.Module, config: MixedConfig, convention: BitConven
     layers = quant_layers(model)
     placement: Placement = model.ptq_state.placement
     quantizers = act_quantizers(model)
-    macs: dict[str, int] = {}
-
-    def record(name, module, x, y):
-        weight = module.layer.weight
-        macs[name] = (y.numel() // y.shape[0]) * (weight.numel() // weight.shape[0])
-
-    example = torch.zeros((1, *model.ptq_state.example_shape[1:]), device=next(model.parameters()).device)
-    with torch.no_grad(), hooked(layers.items(), post=record):
-        model(example)
+    macs = layer_macs(model)
     ends = set(placement.first_layers) | {placement.last_layer}
     table = []
     for name, layer in layers.items():

@@ -236,3 +236,18 @@ def layer_bits(model: nn.Module) -> dict[str, dict[str, int | None]]:
         }
         for name, layer in quant_layers(model).items()
     }
+
+
+def layer_macs(model: nn.Module) -> dict[str, int]:
+    """Multiply-accumulates per image of every quantized layer (one probe forward at the prepared example shape)."""
+    layers = quant_layers(model)
+    macs: dict[str, int] = {}
+
+    def record(name, module, x, y):
+        weight = module.layer.weight
+        macs[name] = (y.numel() // y.shape[0]) * (weight.numel() // weight.shape[0])
+
+    example = torch.zeros((1, *model.ptq_state.example_shape[1:]), device=next(model.parameters()).device)
+    with torch.no_grad(), hooked(layers.items(), post=record):
+        model(example)
+    return macs
