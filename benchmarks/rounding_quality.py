@@ -90,8 +90,9 @@ def synthetic_set(model, name, data_config, images, iters, lr, device, batch=32)
 
 def cell(model, calib, overrides, batch, device, name=None, recipe="rtn") -> tuple[torch.nn.Module, dict]:
     """One quantized model made the way `ptq quantize` makes it, from `recipe` (`rtn`, or `fast` for the default)
-    with `overrides` (bits included); `name` is the timm name, needed for mixed precision. Times the method's own stage: the sensitivity
-    pass of mixed precision, the layer-wise pass and reconstruction (calibration, which all share, is left out)."""
+    with `overrides` (bits included); `name` is the timm name, needed for mixed precision. Times the method's own
+    stage: the sensitivity pass of mixed precision, the layer-wise pass and reconstruction (calibration, which all
+    share, is left out)."""
     recipe = load_recipe(recipe, overrides)
     batches = [calib[i : i + batch].to(device) for i in range(0, len(calib), batch)]
     qmodel = prepare(model, recipe.quant, batches[0][:1])
