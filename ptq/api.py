@@ -300,8 +300,6 @@ def synthesize_folder(
     from ptq import distributed
     from ptq.calibration import default_synth_dir, synthesize_set
     from ptq.models import weights_digest
-    from ptq.synth.run import check_synth_dir
-    from ptq.synth.run import fingerprint as synth_fingerprint
 
     if method is not None:
         overrides["synth_method"] = method
@@ -313,12 +311,8 @@ def synthesize_folder(
     if loaded is None:
         loaded = distributed.together(load_model, name, checkpoint=checkpoint, device=device)
     fp, config = loaded
-    digest = weights_digest(fp)
-    if out is None:
-        folder = default_synth_dir(name, config, resolved, digest)
-    else:
-        folder = Path(out)
-        distributed.on_main(check_synth_dir, folder, synth_fingerprint(name, config, resolved.synth, digest), overwrite)
+    folder = Path(out) if out is not None else default_synth_dir(name, config, resolved, weights_digest(fp))
+    # the synthesizer checks the folder (a set made with other settings is refused unless `overwrite`)
     meta, _ = synthesize_set(fp, name, config, resolved, folder, real_images, device, overwrite, progress)
     return folder, meta
 

@@ -362,11 +362,6 @@ class ReconConfig:
 
     def __post_init__(self):
         coerce_enums(self)
-        if self.budget_gmacs is not None and not (
-            isinstance(self.budget_gmacs, (int, float)) and not isinstance(self.budget_gmacs, bool)
-            and self.budget_gmacs > 0
-        ):  # fmt: skip
-            raise ConfigError(f"recon.budget_gmacs must be a number > 0 (or null), got {self.budget_gmacs!r}")
         for name in ("iters", "batch_size", "act_iters"):
             value = getattr(self, name)
             if value is None and name == "act_iters":
@@ -374,10 +369,11 @@ class ReconConfig:
             least = 0 if name == "iters" else 1  # 0 iterations: the start (e.g. GPTQ's rounding) as it is
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"recon.{name} must be an integer ≥ {least}, got {value!r}")
-        for name in ("lr", "act_lr", "weight_scale_lr"):
+        for name in ("lr", "act_lr", "weight_scale_lr", "budget_gmacs"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ConfigError(f"recon.{name} must be > 0, got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not (number and value > 0):
+                raise ConfigError(f"recon.{name} must be a number > 0, got {value!r}")
         if self.reg_weight is not None and not self.reg_weight >= 0:
             raise ConfigError(f"recon.reg_weight must be ≥ 0, got {self.reg_weight}")
         if self.keep_prob is not None and not 0 <= self.keep_prob <= 1:
