@@ -58,6 +58,11 @@ METHODS: dict[str, list[str]] = {
     "gptq+bc>qdrop-200": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=200", *SHORT],
     "gptq+bc>qdrop-100": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=100", *SHORT],
     "gptq+bc damp 0.1": ["method=gptq", BC, "gptq.damp=0.1"],
+    "gptq+bc damp 0.3": ["method=gptq", BC, "gptq.damp=0.3"],
+    "gptq+abc damp 0.03": ["method=gptq", "quant.bias_correction=analytic", "gptq.damp=0.03"],
+    "gptq+abc damp 0.1": ["method=gptq", "quant.bias_correction=analytic", "gptq.damp=0.1"],
+    "gptq+abc damp 0.3": ["method=gptq", "quant.bias_correction=analytic", "gptq.damp=0.3"],
+    "gptq+abc damp 1.0": ["method=gptq", "quant.bias_correction=analytic", "gptq.damp=1.0"],
     "gptq+bc minmax grid": ["method=gptq", BC, "quant.w_observer=minmax"],
     "gptq+bc+search": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=0", "recon.act_search=true"],
     "gptq+bc+search>qdrop-100": [
