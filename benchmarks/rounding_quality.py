@@ -44,25 +44,26 @@ from common import RESULTS, device_name, write_result  # noqa: E402
 from synth_quality import judge  # noqa: E402
 
 BC = "quant.bias_correction=empirical"
+ABC = "quant.bias_correction=analytic"
 SHORT = ["recon.lr=0.01", "recon.batch_size=32"]  # short-run reconstruction settings for a CPU
 METHODS: dict[str, list[str]] = {
     "default": [],  # the recipe `ptq quantize` uses without --recipe (fast), as shipped
     "rtn": [],
     "rtn+bc": [BC],
-    "rtn+abc": ["quant.bias_correction=analytic"],
+    "rtn+abc": [ABC],
     "gptq": ["method=gptq"],
     "gptq+bc": ["method=gptq", BC],
-    "gptq+abc": ["method=gptq", "quant.bias_correction=analytic"],
+    "gptq+abc": ["method=gptq", ABC],
     "cle+gptq+bc": ["method=gptq", BC, "quant.equalize=true"],
     "qdrop-200": ["method=qdrop", "recon.iters=200", *SHORT],
     "gptq+bc>qdrop-200": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=200", *SHORT],
     "gptq+bc>qdrop-100": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=100", *SHORT],
     "gptq+bc damp 0.1": ["method=gptq", BC, "gptq.damp=0.1"],
     "gptq+bc damp 0.3": ["method=gptq", BC, "gptq.damp=0.3"],
-    "gptq+abc damp 0.03": ["method=gptq", "quant.bias_correction=analytic", "gptq.damp=0.03"],
-    "gptq+abc damp 0.1": ["method=gptq", "quant.bias_correction=analytic", "gptq.damp=0.1"],
-    "gptq+abc damp 0.3": ["method=gptq", "quant.bias_correction=analytic", "gptq.damp=0.3"],
-    "gptq+abc damp 1.0": ["method=gptq", "quant.bias_correction=analytic", "gptq.damp=1.0"],
+    "gptq+abc damp 0.03": ["method=gptq", ABC, "gptq.damp=0.03"],
+    "gptq+abc damp 0.1": ["method=gptq", ABC, "gptq.damp=0.1"],
+    "gptq+abc damp 0.3": ["method=gptq", ABC, "gptq.damp=0.3"],
+    "gptq+abc damp 1.0": ["method=gptq", ABC, "gptq.damp=1.0"],
     "gptq+bc minmax grid": ["method=gptq", BC, "quant.w_observer=minmax"],
     "gptq+bc+search": ["method=qdrop", "recon.init=gptq", BC, "recon.iters=0", "recon.act_search=true"],
     "gptq+bc+search>qdrop-100": [
