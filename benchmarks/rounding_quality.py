@@ -94,9 +94,12 @@ def synthetic_set(model, name, data_config, images, iters, lr, device, batch=32)
     return SyntheticSet(folder).images[:images], str(folder)
 
 
-def cell(model, calib, overrides, batch, device, name=None, recipe="rtn") -> tuple[torch.nn.Module, dict]:
+def cell(
+    model, calib, overrides, batch, device, name=None, recipe="rtn", synthetic=False
+) -> tuple[torch.nn.Module, dict]:
     """One quantized model made the way `ptq quantize` makes it, from `recipe` (`rtn`, or `fast` for the default)
-    with `overrides` (bits included); `name` is the timm name, needed for mixed precision. Times the method's own
+    with `overrides` (bits included); `name` is the timm name, needed for mixed precision; `synthetic`: `calib` is
+    a synthetic set (what `quant.bias_correction=auto` chooses by). Times the method's own
     stage: the sensitivity pass of mixed precision, the layer-wise pass and reconstruction (calibration, which all
     share, is left out)."""
     recipe = load_recipe(recipe, overrides)
@@ -108,7 +111,7 @@ def cell(model, calib, overrides, batch, device, name=None, recipe="rtn") -> tup
     calib_time, calib_cpu = time.perf_counter(), time.process_time()
     calibrate(qmodel, batches, recipe.quant)
     calib_time, calib_cpu = time.perf_counter() - calib_time, time.process_time() - calib_cpu
-    rounding, recon = round_weights(qmodel, model, batches, recipe)
+    rounding, recon = round_weights(qmodel, model, batches, recipe, synthetic=synthetic)
     info = {
         "seconds": round(time.perf_counter() - wall - calib_time, 1),
         "cpu_seconds": round(time.process_time() - cpu - calib_cpu, 1),
@@ -188,7 +191,7 @@ def main() -> None:
                 continue
             overrides = [f"quant.w_bits={w}", f"quant.a_bits={a}", *METHODS[method]]
             recipe = "fast" if method == "default" else "rtn"
-            qmodel, info = cell(model, calib, overrides, args.batch, device, name, recipe)
+            qmodel, info = cell(model, calib, overrides, args.batch, device, name, recipe, args.calib == "synthetic")
             summary = judge(qmodel, model, x, y, device)
             result["rows"].append({"w_bits": w, "a_bits": a, "method": method, **summary, **info})
             write_result(result, out.name, str(out))

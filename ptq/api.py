@@ -247,7 +247,7 @@ def quantize(
                        eval_data=eval_data, out=out, sensitivity_file=sensitivity, overwrite=overwrite)  # fmt: skip
     qmodel, report = run_job(job, progress, loaded)
     data_config = qmodel.ptq_state.data_config
-    return QuantizedModel(qmodel, job.model, data_config, resolved, report, str(checkpoint) if checkpoint else None)
+    return QuantizedModel(qmodel, job.model, data_config, job.recipe, report, str(checkpoint) if checkpoint else None)
 
 
 def synthesize(

@@ -79,6 +79,10 @@ class BiasCorrection(str, Enum):
     OFF = "off"
     EMPIRICAL = "empirical"  # (W − Ŵ)·E[x], E[x] over the calibration inputs the quantized network gives the layer
     ANALYTIC = "analytic"  # E[x] from the BatchNorm statistics of the layer that makes x (no data needed)
+    # analytic on a synthetic calibration set with activations at 8 bits or more (or not quantized), else empirical:
+    # the synthetic images' means are what is off there, while at fewer activation bits only the empirical form sees
+    # the shift the activation quantizers add (`resolve_bias_correction`)
+    AUTO = "auto"
 
 
 class SynthMethod(str, Enum):
@@ -137,6 +141,17 @@ def check_job_recipe(recipe: Recipe) -> None:
             "automatic weight bits (--bits auto) needs a budget: a size (--size-budget 2.5MB; mixed_size_budget=) "
             "or average bits (--avg-bits 3.5; mixed_avg_bits=)"
         )
+
+
+def resolve_bias_correction(recipe: Recipe, synthetic: bool) -> Recipe:
+    """`recipe` with `quant.bias_correction=auto` made concrete for calibration images that are `synthetic` or not
+    (see `BiasCorrection.AUTO`); any other recipe is returned as it is."""
+    q = recipe.quant
+    if q.bias_correction is not BiasCorrection.AUTO:
+        return recipe
+    high = not q.quantize_activations or q.a_bits >= 8
+    choice = BiasCorrection.ANALYTIC if synthetic and high else BiasCorrection.EMPIRICAL
+    return dataclasses.replace(recipe, quant=dataclasses.replace(q, bias_correction=choice))
 
 
 def coerce_enums(obj) -> None:

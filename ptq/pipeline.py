@@ -33,6 +33,7 @@ from ptq.config import (
     RoundingInit,
     check_job_recipe,
     dump_recipe,
+    resolve_bias_correction,
     to_plain,
 )
 from ptq.data import DataError, ImageFolder
@@ -87,6 +88,7 @@ class Job:
         if self.zero_shot and self.images is not None:
             raise DataError("calibration images were given and zero-shot asked for; pass one of them")
         check_job_recipe(self.recipe)
+        self.recipe = resolve_bias_correction(self.recipe, self.zero_shot)  # reports and checkpoints name the choice
 
     @property
     def calib_source(self) -> str:
@@ -302,10 +304,13 @@ def round_weights(
     work_dir: str | Path | None = None,
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
+    synthetic: bool = False,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Everything after calibration that decides the weights of a calibrated model, in place: the layer-wise pass
-    (GPTQ and/or bias correction) and reconstruction, as the recipe asks. Returns their summaries (or None)."""
+    (GPTQ and/or bias correction) and reconstruction, as the recipe asks. Returns their summaries (or None).
+    `synthetic`: the batches are synthetic images (what `quant.bias_correction=auto` chooses by)."""
     timings = {} if timings is None else timings
+    recipe = resolve_bias_correction(recipe, synthetic)
     q = recipe.quant
     layerwise = needs_layerwise(recipe)
     skipped = over_budget(qmodel, recipe.recon) if recipe.method.reconstructs else None

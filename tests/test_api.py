@@ -69,7 +69,7 @@ def test_keyword_overrides_are_typed_and_checked(tiny, images):
         ({"w_bits": "four"}, "w_bits takes a bit width"),
         ({"a_bits": 9}, "a_bits must be an integer from 2 to 8"),
         ({"synth_iter": 5}, "unknown option 'synth_iter'; did you mean synth_iters"),
-        ({"bias_correction": "sometimes"}, "must be one of: off, empirical, analytic"),
+        ({"bias_correction": "sometimes"}, "must be one of: off, empirical, analytic, auto"),
         ({"calib_num_images": "16"}, "calib.num_images must be int"),  # no string is re-parsed
         ({"bits": "auto"}, "needs a budget"),
     ]:
@@ -93,6 +93,23 @@ def test_synthesize_and_evaluate(tmp_path, tiny):
     assert [r.kind for r in rows] == ["quantized", "fp"] and all(r.error is None for r in rows)
     assert rows[0].images == len(ImageFolder(SAMPLES, qmodel.data_config)) and rows[0].sqnr_db > 10
     assert rows[1].agreement is None
+
+
+def test_the_default_corrects_biases_analytically_only_for_synthetic_images_and_8_bit_activations(tiny, images):
+    """`quant.bias_correction=auto` (the default recipe's): from the BatchNorm statistics when the calibration set
+    is synthetic and activations keep 8 bits; empirically otherwise. The report names the choice."""
+    run = dict(recipe="fast", method="gptq", w_bits=4, data_config=SIZE, device="cpu")
+    zero_shot = dict(calib="zero-shot", synth_iters=2, num_images=8, synth_batch_size=8)
+
+    def chosen(**kw):
+        qmodel = ptq.quantize(tiny, **run, **kw)
+        assert qmodel.recipe.quant.bias_correction.value == qmodel.report.rounding["bias_correction"]
+        return qmodel.report.rounding["bias_correction"]
+
+    assert chosen(**zero_shot, a_bits=8) == "analytic"
+    assert chosen(**zero_shot, a_bits=4) == "empirical"
+    assert chosen(calib=images, a_bits=8) == "empirical"
+    assert chosen(**zero_shot, a_bits=8, bias_correction="empirical") == "empirical"  # an explicit choice stays
 
 
 def test_sensitivity_then_quantize_with_its_table(tmp_path, tiny, images):

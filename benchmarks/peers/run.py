@@ -161,7 +161,7 @@ def main() -> None:
         if isinstance(what, list):
             calib = synthetic if calibration == "zero-shot" else x
             overrides = [o.replace("BYTES", str(budget)) for o in what]
-            qmodel, info = cell(model, calib, overrides, 32, "cpu", MODEL)
+            qmodel, info = cell(model, calib, overrides, 32, "cpu", MODEL, synthetic=calibration == "zero-shot")
             with torch.no_grad():
                 logits = qmodel(x)
             if calibration == "zero-shot":
