@@ -9,13 +9,57 @@ The verbs (`quantize`, `synthesize`, `sensitivity`, `evaluate`, `load_quantized`
 runs; the stages they are made of (`prepare`, `calibrate`, ...) stay importable for custom pipelines.
 """
 
-from ptq.api import QuantizedModel, Result, evaluate, load_quantized, quantize, sensitivity, synthesize
-from ptq.config import ConfigError, QuantConfig, Recipe, keyword_names, load_recipe
-from ptq.errors import PtqError
-from ptq.export import save_quantized
-from ptq.models import load_model
-from ptq.quant import calibrate, prepare, set_quant_state
-from ptq.report import Report
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Where each public name lives. They are imported on first use, so that `import ptq` and the command line's --help
+# do not pay for torch and timm until something needs them.
+_EXPORTS = {
+    "QuantizedModel": "ptq.api",
+    "Result": "ptq.api",
+    "evaluate": "ptq.api",
+    "load_quantized": "ptq.api",
+    "quantize": "ptq.api",
+    "sensitivity": "ptq.api",
+    "synthesize": "ptq.api",
+    "ConfigError": "ptq.config",
+    "QuantConfig": "ptq.config",
+    "Recipe": "ptq.config",
+    "keyword_names": "ptq.config",
+    "load_recipe": "ptq.config",
+    "PtqError": "ptq.errors",
+    "save_quantized": "ptq.export",
+    "load_model": "ptq.models",
+    "calibrate": "ptq.quant",
+    "prepare": "ptq.quant",
+    "set_quant_state": "ptq.quant",
+    "Report": "ptq.report",
+}
+
+if TYPE_CHECKING:
+    from ptq.api import QuantizedModel, Result, evaluate, load_quantized, quantize, sensitivity, synthesize
+    from ptq.config import ConfigError, QuantConfig, Recipe, keyword_names, load_recipe
+    from ptq.errors import PtqError
+    from ptq.export import save_quantized
+    from ptq.models import load_model
+    from ptq.quant import calibrate, prepare, set_quant_state
+    from ptq.report import Report
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ptq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 __all__ = [

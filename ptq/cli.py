@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ptq import distributed
+from ptq import _world
 from ptq._io import write_text
 from ptq.config import (
     DEFAULT_RECIPE,
@@ -50,8 +50,8 @@ USER_ERRORS = (PtqError,)  # every error ptq explains in one line
 def fail(message: str, shared: bool = False, code: int = 2) -> None:
     """One line on stderr and a non-zero exit. Under torchrun a rank other than 0 names itself, and keeps quiet
     about an error every rank shares (rank 0 reports it); torchrun's summary gets the message too."""
-    w = distributed.world()
-    shared = shared or not distributed.joined()  # before the ranks meet, every rank meets the same bad input
+    w = _world.world()
+    shared = shared or not _world.joined()  # before the ranks meet, every rank meets the same bad input
     if w.distributed:
         _record_for_torchrun(message)
         message = f"rank {w.rank}: {message}" if not w.main else message
@@ -128,7 +128,7 @@ def progress_bars():
         TimeRemainingColumn(),
         TextColumn("{task.fields[note]}"),
     )
-    if not distributed.world().main:  # under torchrun, rank 0 shows its progress
+    if not _world.world().main:  # under torchrun, rank 0 shows its progress
         yield lambda *args, **kwargs: None
         return
     if not err_console.is_terminal:  # a log file, a batch job, CI: plain lines, not a redrawn display
@@ -164,6 +164,8 @@ def start(device: str | None) -> str:
     """The device to run on, checked; under torchrun this rank's (`cuda` → `cuda:LOCAL_RANK`), with the process
     group joined. Ranks other than 0 print nothing but errors."""
     dev = check_device(device)
+    from ptq import distributed
+
     w, dev = distributed.setup(dev)
     if not w.main:
         console.quiet = True
@@ -183,7 +185,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pr
     from ptq._malloc import keep_freed_memory
 
     keep_freed_memory()  # large CPU tensors reuse freed heap instead of page-faulting fresh memory
-    w = distributed.world()
+    w = _world.world()
     logging.basicConfig(
         level=logging.INFO if verbose and w.main else logging.WARNING,
         format=f"rank {w.rank}: %(message)s" if w.distributed and not w.main else "%(message)s",
@@ -281,8 +283,6 @@ def quantize(
     ] = None,
 ) -> None:
     """Quantize a pretrained timm model and write a packed low-bit checkpoint with a fidelity report."""
-    from ptq.api import quantize as run_quantize
-
     if export is not None and export != "onnx":
         fail(f"--export {export!r}: the format ptq exports is onnx")
     if export is not None:
@@ -322,6 +322,8 @@ def quantize(
             fail("--size-budget, --avg-bits, --bops-budget and --sensitivity apply to --bits auto (or --w-bits auto)")
         out = out or Path("runs") / f"{model}-w{'auto' if mixed.enabled else q.w_bits}a{q.a_bits}"
         dev = start(device)
+        from ptq.api import quantize as run_quantize  # torch and timm: once the arguments are known to be good
+
         with progress_bars() as progress:
             qmodel = run_quantize(
                 model, calib="zero-shot" if zero_shot else calib_data, recipe=resolved,
@@ -331,7 +333,7 @@ def quantize(
             )  # fmt: skip
             report = qmodel.report
     _print_quantize_report(report.to_dict(), out)
-    if export is not None and distributed.world().main:
+    if export is not None and _world.world().main:
         with user_errors(f"the checkpoint in {out} is complete; `ptq export {out}` retries the export"):
             from ptq.export.onnx import export_onnx
 
@@ -362,8 +364,6 @@ def sensitivity_command(
 ) -> None:
     """Per-layer Hessian sensitivity to weight bits, the Pareto front of size vs predicted loss, and the best
     allocation under a budget (default: 4 bits per weight on average)."""
-    from ptq.api import sensitivity as run_sensitivity
-
     if calib_data is None and not zero_shot:
         fail("no calibration data: pass --calib-data DIR (a folder of images), or --zero-shot to synthesize it")
     with user_errors():
@@ -376,6 +376,8 @@ def sensitivity_command(
         }
         resolved = _resolve_recipe(recipe, overrides, flags)
         dev = start(device)
+        from ptq.api import sensitivity as run_sensitivity
+
         with progress_bars() as progress:
             result = run_sensitivity(
                 model, "zero-shot" if zero_shot else calib_data, out=out, recipe=resolved, checkpoint=checkpoint,
@@ -444,8 +446,6 @@ def synthesize(
     overwrite: Annotated[bool, typer.Option(help="Replace a set made with other settings in --out.")] = False,
 ) -> None:
     """Synthesize calibration images from a pretrained model's BatchNorm statistics (rerun to resume)."""
-    from ptq.api import synthesize_folder
-
     flags = {
         "synth.method": method,
         "synth.num_images": num_images,
@@ -457,6 +457,8 @@ def synthesize(
     with user_errors("finished batches are kept; rerun the same command to resume"):
         resolved = _resolve_recipe(recipe, overrides, flags)
         dev = start(device)
+        from ptq.api import synthesize_folder
+
         with progress_bars() as progress:
             _, meta = synthesize_folder(model, recipe=resolved, checkpoint=checkpoint, real_images=calib_data,
                                         out=out, overwrite=overwrite, device=dev, progress=progress)  # fmt: skip
@@ -595,9 +597,6 @@ def evaluate(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Evaluate FP models and quantized outputs side by side (top-1/5 with labels; agreement, KL, SQNR vs FP)."""
-    from ptq.eval.harness import FIELDS
-    from ptq.eval.harness import evaluate as run_evaluate
-
     if out is not None:
         if out.suffix not in (".csv", ".json"):
             fail(f"--out {out} must end in .csv or .json")
@@ -605,9 +604,12 @@ def evaluate(
             fail(f"--out {out} already exists; choose another file or pass --overwrite")
     with user_errors():
         dev = start(device)
+        from ptq.eval.harness import FIELDS
+        from ptq.eval.harness import evaluate as run_evaluate
+
         with progress_bars() as progress:
             rows = run_evaluate(models, data, batch_size, dev, workers, progress)
-        if out is not None and distributed.world().main:
+        if out is not None and _world.world().main:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_text(out, _serialise(rows, out.suffix, FIELDS))
     columns = ("model", "kind", "top1", "top5", "agreement", "kl", "sqnr_db", "images", "seconds")
@@ -643,7 +645,10 @@ def main() -> None:
     try:
         app(prog_name="ptq")
     finally:
-        distributed.teardown()
+        if _world.joined():
+            from ptq import distributed
+
+            distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -9,68 +9,19 @@ rank raises instead of hanging; torchrun itself ends the whole job when any rank
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ptq.errors import PtqError
+# where this process stands needs no torch: it lives in ptq._world, and is this module's too
+from ptq._world import DistributedError, World, _env_int, joined, shard, world  # noqa: F401
 
 TIMEOUT_ENV = "PTQ_DIST_TIMEOUT"
-
-
-class DistributedError(PtqError, RuntimeError):
-    """The environment describes a process group that cannot be joined as asked; the message says why."""
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in the job: rank in 0..size-1 (and its rank on this node)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-    def shard(self, n: int) -> range:
-        """This rank's contiguous share of `n` items (the first `n % size` ranks take one more)."""
-        return shard(n, self.rank, self.size)
-
-
-def shard(n: int, rank: int, size: int) -> range:
-    base, extra = divmod(n, size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def world() -> World:
-    """The job as torchrun describes it (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`); one process when unset."""
-    if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
-    return World(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
 
 
 def timeout() -> timedelta:
@@ -129,11 +80,6 @@ def _waiting(op: str):
                 f"({first}); if a rank only needed longer (one synthesis batch, one model), raise {TIMEOUT_ENV}"
             ) from None
         raise DistributedError(f"lost contact with the other ranks in {op} ({first})") from None
-
-
-def joined() -> bool:
-    """Whether this process has joined a process group (`setup` under torchrun)."""
-    return dist.is_available() and dist.is_initialized()
 
 
 def _active() -> bool:

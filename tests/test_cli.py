@@ -190,6 +190,36 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0 and "quantize" in result.output and "evaluate" in result.output
 
 
+def test_help_and_argument_errors_answer_before_torch_is_imported(tmp_path):
+    """`ptq --help`, a command's --help and a bad argument need neither torch nor timm (seconds of imports)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from ptq.cli import main\n"
+        "sys.argv = ['ptq', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code, [m for m in ('torch', 'timm') if m in sys.modules], file=sys.stderr)\n"
+    )
+    for args, code in ((["--help"], 0), (["quantize", "--help"], 0), (["quantize", "m", "--bits", "5x"], 2)):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        assert f"exit {code} []" in result.stderr, (args, result.stdout, result.stderr)
+
+
+def test_the_package_names_resolve_on_first_use():
+    import ptq
+
+    for name in ptq.__all__:
+        assert getattr(ptq, name) is not None and name in dir(ptq)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        ptq.nothing  # noqa: B018
+
+
 def test_real_pretrained_lite0_w8a8_end_to_end(tmp_path, few_photos):
     """The demo's job on real ImageNet weights, on six photos: W8A8 keeps most top-1 predictions of FP."""
     out = tmp_path / "lite0"
