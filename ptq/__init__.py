@@ -12,6 +12,7 @@ runs; the stages they are made of (`prepare`, `calibrate`, ...) stay importable 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 # Where each public name lives. They are imported on first use, so that `import ptq` and the command line's --help
@@ -49,10 +50,15 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    """A public name, imported on first use; or a subpackage (`ptq.quant`, `ptq.recon`, ...), as an eager package
+    would have it already."""
     module = _EXPORTS.get(name)
-    if module is None:
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
         raise AttributeError(f"module 'ptq' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

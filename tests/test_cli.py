@@ -211,13 +211,23 @@ def test_help_and_argument_errors_answer_before_torch_is_imported(tmp_path):
         assert f"exit {code} []" in result.stderr, (args, result.stdout, result.stderr)
 
 
-def test_the_package_names_resolve_on_first_use():
-    import ptq
+def test_the_package_names_and_subpackages_resolve_on_first_use():
+    """`import ptq` is light; its public names and subpackages (`ptq.quant`, `ptq.recon`) come when first used."""
+    import subprocess
+    import sys
 
-    for name in ptq.__all__:
-        assert getattr(ptq, name) is not None and name in dir(ptq)
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        ptq.nothing  # noqa: B018
+    probe = (
+        "import sys, ptq\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert all(getattr(ptq, name) is not None and name in dir(ptq) for name in ptq.__all__)\n"
+        "assert callable(ptq.quant.calibrate) and callable(ptq.recon.find_units)\n"
+        "try:\n"
+        "    ptq.nothing\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "module 'ptq' has no attribute 'nothing'" in result.stdout, result.stderr
 
 
 def test_real_pretrained_lite0_w8a8_end_to_end(tmp_path, few_photos):
