@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 # where this process stands needs no torch: it lives in ptq._world, and is this module's too
-from ptq._world import DistributedError, World, _env_int, joined, shard, world  # noqa: F401
+from ptq._world import DistributedError, World, _env_int, joined, shard, world  # noqa: F401 (re-exported)
 
 TIMEOUT_ENV = "PTQ_DIST_TIMEOUT"
 
@@ -62,7 +62,7 @@ def setup(device: str | torch.device) -> tuple[World, torch.device]:
 
 
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if joined():
         dist.destroy_process_group()
 
 
@@ -83,7 +83,7 @@ def _waiting(op: str):
 
 
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return joined() and dist.get_world_size() > 1
 
 
 def _collective_device() -> torch.device:
